@@ -1,0 +1,6 @@
+//! qmigrate: live migration of bare QEMU VMs over QMP, with convergence control, planned evacuations and balancing.
+//!
+//! # Layout
+//! - [`plan`]: PURE balancing policies (band, idc, sandpiper) and the scenario simulator.
+
+pub mod plan;
