@@ -4,3 +4,7 @@
 //! - [`plan`]: PURE balancing policies (band, idc, sandpiper) and the scenario simulator.
 
 pub mod plan;
+pub mod qmp;
+pub mod migrate;
+pub mod predict;
+pub mod report;

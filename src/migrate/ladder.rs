@@ -1,0 +1,382 @@
+//! PURE convergence control: the escalation ladder as a step function from (ladder state, latest figures of a
+//! running migration) to the next action, with the reason and figures that triggered it. No I/O, no tokio.
+//!
+//! The ladder, in order, each rung taken only when the migration is stalled:
+//! 1. raise the downtime limit, straight to what the remaining data needs when that is within `--max-downtime`,
+//!    otherwise doubling, up to `--max-downtime`;
+//! 2. throttle the guest's vCPUs (auto-converge), when `--auto-converge auto`;
+//! 3. switch to postcopy, when `--postcopy fallback`;
+//! 4. at `--timeout`: postcopy if allowed and not yet used, else the `--on-timeout` action (cancel, or pause the
+//!    guest and finish offline).
+//!
+//! Stalled means: at least two passes since the last escalation (so its effect can show) and either the
+//! remaining data did not fall by [`MIN_PROGRESS`] over the last [`STALL_PASSES`] passes, or precopy, predicted
+//! from the live dirty rate and throughput, does not converge or finishes after the timeout.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::predict::{self, PrecopyInput, Verdict};
+
+/// Passes over which progress is judged.
+pub const STALL_PASSES: usize = 3;
+/// The fraction by which the remaining data must fall over [`STALL_PASSES`] passes to count as progress.
+pub const MIN_PROGRESS: f64 = 0.10;
+/// Passes to wait after an escalation before judging again.
+pub const SETTLE_PASSES: u64 = 2;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutoConverge {
+    /// Throttle from the start, with QEMU's usual ramp.
+    On,
+    /// Never throttle.
+    Off,
+    /// Throttle only as an escalation step, when the migration stalls.
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Postcopy {
+    Never,
+    /// Switch to postcopy as an escalation step.
+    Fallback,
+    /// Switch to postcopy as soon as the first full pass is sent.
+    Always,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnTimeout {
+    /// Cancel the migration; the source keeps running.
+    Cancel,
+    /// Stop the guest and let the migration finish offline.
+    Pause,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LadderSettings {
+    #[serde(serialize_with = "crate::report::ser_ms")]
+    pub downtime: Duration,
+    #[serde(serialize_with = "crate::report::ser_ms")]
+    pub max_downtime: Duration,
+    #[serde(serialize_with = "crate::report::ser_ms")]
+    pub timeout: Duration,
+    pub auto_converge: AutoConverge,
+    pub postcopy: Postcopy,
+    pub on_timeout: OnTimeout,
+}
+
+/// The figures of a running migration the ladder decides on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    pub elapsed: Duration,
+    /// QEMU's `dirty-sync-count`: the number of the pass in progress (1 during the first).
+    pub pass: u64,
+    pub remaining_bytes: u64,
+    pub throughput_bytes_per_s: f64,
+    pub dirty_rate_bytes_per_s: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Action {
+    #[serde(rename = "raise-downtime")]
+    RaiseDowntime {
+        #[serde(serialize_with = "crate::report::ser_ms", rename = "to_ms")]
+        to: Duration,
+    },
+    /// Let auto-converge throttle the guest: initial, increment and ceiling in percent.
+    Throttle { initial_pct: u8, increment_pct: u8, max_pct: u8 },
+    StartPostcopy,
+    Cancel,
+    PauseSource,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    pub action: Action,
+    pub reason: String,
+}
+
+/// Where a migration stands on the ladder.
+#[derive(Debug, Clone)]
+pub struct Ladder {
+    settings: LadderSettings,
+    downtime: Duration,
+    throttling: bool,
+    postcopy_started: bool,
+    final_action_taken: bool,
+    /// Remaining bytes when each pass began, newest last.
+    pass_starts: Vec<(u64, u64)>,
+    last_escalation_pass: u64,
+}
+
+impl Ladder {
+    pub fn new(settings: LadderSettings) -> Ladder {
+        Ladder {
+            downtime: settings.downtime,
+            throttling: settings.auto_converge == AutoConverge::On,
+            settings,
+            postcopy_started: false,
+            final_action_taken: false,
+            pass_starts: Vec::new(),
+            last_escalation_pass: 0,
+        }
+    }
+
+    pub fn downtime(&self) -> Duration {
+        self.downtime
+    }
+
+    /// Decides what to do after `obs`. Returns `None` to keep waiting.
+    pub fn step(&mut self, obs: &Observation) -> Option<Step> {
+        if self.final_action_taken || self.postcopy_started {
+            return None;
+        }
+        if self.pass_starts.last().is_none_or(|(p, _)| *p != obs.pass) {
+            self.pass_starts.push((obs.pass, obs.remaining_bytes));
+        }
+        if obs.elapsed >= self.settings.timeout {
+            return Some(self.on_timeout(obs));
+        }
+        if self.settings.postcopy == Postcopy::Always && obs.pass >= 2 {
+            return Some(self.start_postcopy(format!(
+                "--postcopy always: the first pass is sent ({} remain)",
+                predict::bytes(obs.remaining_bytes as f64)
+            )));
+        }
+        let stall = self.stall(obs)?;
+        self.escalate(obs, stall)
+    }
+
+    /// Why the migration counts as stalled, or `None`.
+    fn stall(&self, obs: &Observation) -> Option<String> {
+        if obs.pass < 2 || obs.pass < self.last_escalation_pass + SETTLE_PASSES {
+            return None;
+        }
+        let n = self.pass_starts.len();
+        if n > STALL_PASSES {
+            let (old_pass, old) = self.pass_starts[n - 1 - STALL_PASSES];
+            if obs.remaining_bytes as f64 > old as f64 * (1.0 - MIN_PROGRESS) {
+                return Some(format!(
+                    "remaining {} at pass {} vs {} at pass {old_pass}: less than {:.0}% progress",
+                    predict::bytes(obs.remaining_bytes as f64),
+                    obs.pass,
+                    predict::bytes(old as f64),
+                    MIN_PROGRESS * 100.0
+                ));
+            }
+        }
+        if obs.throughput_bytes_per_s <= 0.0 {
+            return None;
+        }
+        let p = predict::precopy(&PrecopyInput {
+            volume_bytes: obs.remaining_bytes,
+            dirty_rate_bytes_per_s: obs.dirty_rate_bytes_per_s,
+            bandwidth_bytes_per_s: obs.throughput_bytes_per_s,
+            downtime_limit: self.downtime,
+        });
+        let left = self.settings.timeout.saturating_sub(obs.elapsed);
+        match p.verdict {
+            Verdict::Diverges => Some(format!("projected not to converge: {}", p.reason)),
+            Verdict::Converges if Duration::from_millis(p.total_time_ms) > left => Some(format!(
+                "projected to finish in {} but only {} are left before the timeout",
+                humantime::format_duration(Duration::from_millis(p.total_time_ms)),
+                humantime::format_duration(Duration::from_millis(left.as_millis() as u64))
+            )),
+            Verdict::Converges => None,
+        }
+    }
+
+    fn escalate(&mut self, obs: &Observation, stall: String) -> Option<Step> {
+        let figures = format!(
+            "{stall}; remaining {}, dirty {}/s, throughput {}/s",
+            predict::bytes(obs.remaining_bytes as f64),
+            predict::bytes(obs.dirty_rate_bytes_per_s),
+            predict::bytes(obs.throughput_bytes_per_s)
+        );
+        if self.downtime < self.settings.max_downtime {
+            let needed = predict::downtime_needed(obs.remaining_bytes, obs.throughput_bytes_per_s);
+            // Straight to what switching over now needs when the ceiling allows it, with a quarter of headroom since
+            // the remaining data keeps moving while QEMU decides; doubling otherwise (also when that was tried and
+            // QEMU still did not switch over: it saw a slower link than we did).
+            let wanted = needed.mul_f64(1.25);
+            let max = self.settings.max_downtime;
+            let to = if wanted > self.downtime && wanted <= max {
+                wanted
+            } else {
+                (self.downtime * 2).min(max)
+            };
+            self.downtime = to;
+            self.last_escalation_pass = obs.pass;
+            return Some(Step {
+                action: Action::RaiseDowntime { to },
+                reason: format!(
+                    "{figures}; switching over now needs {} of downtime",
+                    humantime::format_duration(Duration::from_millis(needed.as_millis() as u64))
+                ),
+            });
+        }
+        if self.settings.auto_converge == AutoConverge::Auto && !self.throttling {
+            self.throttling = true;
+            self.last_escalation_pass = obs.pass;
+            return Some(Step {
+                action: Action::Throttle {
+                    initial_pct: 30,
+                    increment_pct: 20,
+                    max_pct: 99,
+                },
+                reason: format!("{figures}; downtime already at its ceiling"),
+            });
+        }
+        if self.settings.postcopy == Postcopy::Fallback {
+            return Some(self.start_postcopy(format!("{figures}; downtime and throttling exhausted")));
+        }
+        None
+    }
+
+    fn on_timeout(&mut self, obs: &Observation) -> Step {
+        let why = format!(
+            "timeout of {} reached with {} remaining",
+            humantime::format_duration(self.settings.timeout),
+            predict::bytes(obs.remaining_bytes as f64)
+        );
+        if self.settings.postcopy == Postcopy::Fallback {
+            return self.start_postcopy(why);
+        }
+        self.final_action_taken = true;
+        match self.settings.on_timeout {
+            OnTimeout::Cancel => Step {
+                action: Action::Cancel,
+                reason: format!("{why}; --on-timeout cancel"),
+            },
+            OnTimeout::Pause => Step {
+                action: Action::PauseSource,
+                reason: format!("{why}; --on-timeout pause: stopping the guest to finish offline"),
+            },
+        }
+    }
+
+    fn start_postcopy(&mut self, reason: String) -> Step {
+        self.postcopy_started = true;
+        Step {
+            action: Action::StartPostcopy,
+            reason,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    fn settings(auto_converge: AutoConverge, postcopy: Postcopy, max_downtime_ms: u64) -> LadderSettings {
+        LadderSettings {
+            downtime: Duration::from_millis(300),
+            max_downtime: Duration::from_millis(max_downtime_ms),
+            timeout: Duration::from_secs(60),
+            auto_converge,
+            postcopy,
+            on_timeout: OnTimeout::Cancel,
+        }
+    }
+
+    /// A migration stuck at 46 MiB remaining, dirtying 200 MiB/s over a 32 MiB/s link.
+    fn stuck(pass: u64, secs: u64) -> Observation {
+        Observation {
+            elapsed: Duration::from_secs(secs),
+            pass,
+            remaining_bytes: 46 * MIB,
+            throughput_bytes_per_s: (32 * MIB) as f64,
+            dirty_rate_bytes_per_s: (200 * MIB) as f64,
+        }
+    }
+
+    fn run(ladder: &mut Ladder, passes: std::ops::RangeInclusive<u64>) -> Vec<Action> {
+        passes.filter_map(|p| ladder.step(&stuck(p, p)).map(|s| s.action)).collect()
+    }
+
+    #[test]
+    fn ladder_order_table() {
+        let d = |ms| Action::RaiseDowntime {
+            to: Duration::from_millis(ms),
+        };
+        let throttle = Action::Throttle {
+            initial_pct: 30,
+            increment_pct: 20,
+            max_pct: 99,
+        };
+        // (auto-converge, postcopy, max downtime ms) -> the actions over passes 1..=12, the clock at 1 s a pass.
+        let table: Vec<(AutoConverge, Postcopy, u64, Vec<Action>)> = vec![
+            (AutoConverge::Off, Postcopy::Never, 300, vec![]),
+            (AutoConverge::Auto, Postcopy::Never, 300, vec![throttle.clone()]),
+            (AutoConverge::On, Postcopy::Fallback, 300, vec![Action::StartPostcopy]),
+            (AutoConverge::Off, Postcopy::Never, 1000, vec![d(600), d(1000)]),
+            (
+                AutoConverge::Auto,
+                Postcopy::Fallback,
+                2000,
+                vec![d1800(), d(2000), throttle.clone(), Action::StartPostcopy],
+            ),
+            (AutoConverge::Off, Postcopy::Always, 300, vec![Action::StartPostcopy]),
+        ];
+        for (ac, pc, max, want) in table {
+            let mut l = Ladder::new(settings(ac, pc, max));
+            assert_eq!(run(&mut l, 1..=12), want, "{ac:?} {pc:?} {max}");
+        }
+    }
+
+    // 46 MiB at 32 MiB/s needs 1.4375 s; with a quarter of headroom that is 1.797 s, under a 2 s ceiling.
+    fn d1800() -> Action {
+        Action::RaiseDowntime {
+            to: Duration::from_secs_f64(46.0 / 32.0 * 1.25),
+        }
+    }
+
+    #[test]
+    fn progress_is_not_a_stall() {
+        let mut l = Ladder::new(settings(AutoConverge::Auto, Postcopy::Fallback, 2000));
+        // Remaining halves every pass and the link is fast: nothing to do.
+        for p in 1..=8u64 {
+            let obs = Observation {
+                elapsed: Duration::from_secs(p),
+                pass: p,
+                remaining_bytes: (256 * MIB) >> p,
+                throughput_bytes_per_s: (512 * MIB) as f64,
+                dirty_rate_bytes_per_s: (8 * MIB) as f64,
+            };
+            assert_eq!(l.step(&obs), None, "pass {p}");
+        }
+    }
+
+    #[test]
+    fn timeout_takes_postcopy_if_allowed_else_the_on_timeout_action() {
+        for (postcopy, on_timeout, want) in [
+            (Postcopy::Fallback, OnTimeout::Cancel, Action::StartPostcopy),
+            (Postcopy::Never, OnTimeout::Cancel, Action::Cancel),
+            (Postcopy::Never, OnTimeout::Pause, Action::PauseSource),
+        ] {
+            let mut s = settings(AutoConverge::Off, postcopy, 300);
+            s.on_timeout = on_timeout;
+            let mut l = Ladder::new(s);
+            let step = l.step(&stuck(1, 61)).expect("an action at the timeout");
+            assert_eq!(step.action, want);
+            assert!(step.reason.contains("timeout"), "{}", step.reason);
+            // Nothing further once the final action was taken.
+            assert_eq!(l.step(&stuck(2, 62)), None);
+        }
+    }
+
+    #[test]
+    fn reasons_carry_the_figures() {
+        let mut l = Ladder::new(settings(AutoConverge::Off, Postcopy::Never, 1000));
+        let step = (1..=6).find_map(|p| l.step(&stuck(p, p))).unwrap();
+        assert!(step.reason.contains("46.0 MiB"), "{}", step.reason);
+        assert!(step.reason.contains("32.0 MiB/s"), "{}", step.reason);
+    }
+}

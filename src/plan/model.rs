@@ -1,0 +1,187 @@
+//! The load-move model: how a planned migration or balloon change alters host and VM figures. The policies use it
+//! to check that a destination has room; the simulator uses it to carry a round's decisions into the next round.
+//! Pure arithmetic on a `Scenario`; it decides nothing.
+//!
+//! The model (also in docs/policies/scenario-format.md):
+//! - CPU: a VM's `cpu_pct` is in points of its host's utilisation. Moving it takes those points off the source and
+//!   adds `cpu_pct × source cpus / destination cpus` to the destination (the same work on a smaller host weighs
+//!   more). The source never drops below 0: measured tables (paper 000) list VMs whose figures add up to more than
+//!   their host's.
+//! - Memory: host memory in use is derived (reserve + the VMs' `memory_mib`), so it follows the VM exactly.
+//! - Swap writes move with the VM: the guest that swaps keeps swapping wherever it runs.
+//! - NIC: every flow of the VM is re-classified. A flow whose ends share a host is IDC and uses no NIC; otherwise it
+//!   loads both ends' NICs. The VM's traffic that the matrix does not explain (`nic_mbps` minus its cross-host
+//!   flows, clients outside the cluster) moves with it. Peers' `nic_mbps` change accordingly.
+//! - Ballooning changes only the VM's `memory_mib`; its effect on swapping is not modelled, so a guest keeps its
+//!   swap rate until fresh figures say otherwise.
+
+use super::scenario::Scenario;
+
+/// Moves `vm` to `to` and updates every figure the model covers. Values above capacity are kept as they are (not
+/// clamped), so a bad plan shows up in the numbers instead of being hidden.
+///
+/// # Panics
+/// If `vm` or `to` is not in the scenario; callers plan only with names taken from it.
+pub fn migrate(s: &mut Scenario, vm: &str, to: &str) {
+    let vi = s.vms.iter().position(|v| v.name == vm).expect("vm in scenario");
+    let from = s.vms[vi].host.clone();
+    if from == to {
+        return;
+    }
+    let si = host_index(s, &from);
+    let di = host_index(s, to);
+
+    let cpu_src = s.vms[vi].cpu_pct;
+    let cpu_dst = cpu_src * f64::from(s.hosts[si].cpus) / f64::from(s.hosts[di].cpus);
+    s.hosts[si].cpu_pct = (s.hosts[si].cpu_pct - cpu_src).max(0.0);
+    s.hosts[di].cpu_pct += cpu_dst;
+    s.vms[vi].cpu_pct = cpu_dst;
+
+    let swap = s.vms[vi].swap_writes_per_s;
+    s.hosts[si].swap_writes_per_s = (s.hosts[si].swap_writes_per_s - swap).max(0.0);
+    s.hosts[di].swap_writes_per_s += swap;
+
+    // NIC deltas in Mbps per host index, applied at the end.
+    let mut delta = vec![0.0_f64; s.hosts.len()];
+    let flows: Vec<(String, f64)> = s.peers(vm).map(|(p, mbps)| (p.to_owned(), mbps)).collect();
+    let mut cross_before = 0.0;
+    let mut cross_after = 0.0;
+    for (peer, mbps) in &flows {
+        let pi = s.vms.iter().position(|v| &v.name == peer).expect("peer in scenario");
+        let ph = host_index(s, &s.vms[pi].host.clone());
+        let before = ph != si;
+        let after = ph != di;
+        if before {
+            delta[si] -= mbps;
+            delta[ph] -= mbps;
+            cross_before += mbps;
+        }
+        if after {
+            delta[di] += mbps;
+            delta[ph] += mbps;
+            cross_after += mbps;
+        }
+        let change = f64::from(u8::from(after)) * mbps - f64::from(u8::from(before)) * mbps;
+        s.vms[pi].nic_mbps = (s.vms[pi].nic_mbps + change).max(0.0);
+    }
+    let external = (s.vms[vi].nic_mbps - cross_before).max(0.0);
+    delta[si] -= external;
+    delta[di] += external;
+    s.vms[vi].nic_mbps = external + cross_after;
+    for (h, d) in s.hosts.iter_mut().zip(delta) {
+        h.nic_pct = (h.nic_pct + d / h.nic_mbps * 100.0).max(0.0);
+    }
+
+    s.vms[vi].host = to.to_owned();
+}
+
+/// A copy of `s` with `vm` moved to `to`: what the destination would look like.
+pub fn project(s: &Scenario, vm: &str, to: &str) -> Scenario {
+    let mut p = s.clone();
+    migrate(&mut p, vm, to);
+    p
+}
+
+/// Sets the VM's balloon target.
+pub fn balloon(s: &mut Scenario, vm: &str, to_mib: u64) {
+    if let Some(v) = s.vms.iter_mut().find(|v| v.name == vm) {
+        v.memory_mib = to_mib;
+    }
+}
+
+fn host_index(s: &Scenario, name: &str) -> usize {
+    s.hosts.iter().position(|h| h.name == name).expect("host in scenario")
+}
+
+/// Whether every host in `s` is within its physical capacity: CPU and NIC at most 100 %, memory committed at most
+/// the host's memory. A small tolerance absorbs rounding in the scaled CPU figures.
+pub fn within_capacity(s: &Scenario, host: &str) -> bool {
+    const EPS: f64 = 1e-9;
+    s.host(host).is_some_and(|h| {
+        h.cpu_pct <= 100.0 + EPS && h.nic_pct <= 100.0 + EPS && s.committed_mib(host) <= h.memory_mib
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::scenario::{Flow, History, Host, Tuning, Vm};
+
+    fn host(name: &str, cpus: u32, cpu: f64, nic: f64) -> Host {
+        Host {
+            name: name.into(),
+            cpus,
+            memory_mib: 4096,
+            nic_mbps: 1000.0,
+            cpu_pct: cpu,
+            swap_writes_per_s: 0.0,
+            nic_pct: nic,
+            memory_reserved_mib: 0,
+            history: History::default(),
+        }
+    }
+
+    fn vm(name: &str, host: &str, cpu: f64, nic: f64) -> Vm {
+        Vm {
+            name: name.into(),
+            host: host.into(),
+            cpu_pct: cpu,
+            memory_mib: 512,
+            memory_pct: 50.0,
+            nic_mbps: nic,
+            swap_writes_per_s: 0.0,
+            memory_max_mib: None,
+        }
+    }
+
+    fn two_pairs() -> Scenario {
+        // a and b talk over IDC on h1; a also talks to c on h2 (200 Mbps) and to clients (50 Mbps).
+        Scenario {
+            description: None,
+            hosts: vec![host("h1", 4, 60.0, 25.0), host("h2", 2, 20.0, 20.0), host("h3", 4, 10.0, 0.0)],
+            vms: vec![vm("a", "h1", 30.0, 250.0), vm("b", "h1", 10.0, 0.0), vm("c", "h2", 10.0, 200.0)],
+            traffic: vec![
+                Flow { a: "a".into(), b: "b".into(), mbps: 100.0 },
+                Flow { a: "c".into(), b: "a".into(), mbps: 200.0 },
+            ],
+            tuning: Tuning::default(),
+        }
+    }
+
+    #[test]
+    fn moves_follow_the_documented_model() {
+        struct Case {
+            to: &'static str,
+            // cpu of h1, h2, h3 after; nic of h1, h2, h3 after; nic of a, b, c after
+            cpu: [f64; 3],
+            nic: [f64; 3],
+            vm_nic: [f64; 3],
+        }
+        let cases = [
+            // To h2 (2 CPUs): 30 points on 4 CPUs weigh 60 on 2. a-b becomes NIC traffic (100 Mbps on h1 and h2),
+            // a-c becomes IDC (h2 loses 200), the 50 Mbps of clients move to h2.
+            Case { to: "h2", cpu: [30.0, 80.0, 10.0], nic: [10.0, 15.0, 0.0], vm_nic: [150.0, 100.0, 0.0] },
+            // To h3: a-b and a-c both cross h3's NIC; h1 keeps a-b's 100 Mbps, h2 keeps a-c.
+            Case { to: "h3", cpu: [30.0, 20.0, 40.0], nic: [10.0, 20.0, 35.0], vm_nic: [350.0, 100.0, 200.0] },
+        ];
+        for c in cases {
+            let p = project(&two_pairs(), "a", c.to);
+            let cpu: Vec<f64> = p.hosts.iter().map(|h| h.cpu_pct).collect();
+            let nic: Vec<f64> = p.hosts.iter().map(|h| h.nic_pct).collect();
+            let vm_nic: Vec<f64> = p.vms.iter().map(|v| v.nic_mbps).collect();
+            let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-9);
+            assert!(close(&cpu, &c.cpu), "cpu to {}: {cpu:?}", c.to);
+            assert!(close(&nic, &c.nic), "nic to {}: {nic:?}", c.to);
+            assert!(close(&vm_nic, &c.vm_nic), "vm nic to {}: {vm_nic:?}", c.to);
+            assert_eq!(p.vm("a").unwrap().host, c.to);
+        }
+    }
+
+    #[test]
+    fn source_cpu_never_goes_negative() {
+        let mut s = two_pairs();
+        s.vms[0].cpu_pct = 90.0;
+        migrate(&mut s, "a", "h3");
+        assert_eq!(s.hosts[0].cpu_pct, 0.0);
+    }
+}
