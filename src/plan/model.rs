@@ -23,7 +23,11 @@ use super::scenario::Scenario;
 /// # Panics
 /// If `vm` or `to` is not in the scenario; callers plan only with names taken from it.
 pub fn migrate(s: &mut Scenario, vm: &str, to: &str) {
-    let vi = s.vms.iter().position(|v| v.name == vm).expect("vm in scenario");
+    let vi = s
+        .vms
+        .iter()
+        .position(|v| v.name == vm)
+        .expect("vm in scenario");
     let from = s.vms[vi].host.clone();
     if from == to {
         return;
@@ -43,11 +47,19 @@ pub fn migrate(s: &mut Scenario, vm: &str, to: &str) {
 
     // NIC deltas in Mbps per host index, applied at the end.
     let mut delta = vec![0.0_f64; s.hosts.len()];
-    let flows: Vec<(String, f64)> = s.peers(vm).map(|(p, mbps)| (p.to_owned(), mbps)).collect();
+    let flows: Vec<(String, f64)> = s
+        .peers(vm)
+        .into_iter()
+        .map(|(p, mbps)| (p.to_owned(), mbps))
+        .collect();
     let mut cross_before = 0.0;
     let mut cross_after = 0.0;
     for (peer, mbps) in &flows {
-        let pi = s.vms.iter().position(|v| &v.name == peer).expect("peer in scenario");
+        let pi = s
+            .vms
+            .iter()
+            .position(|v| &v.name == peer)
+            .expect("peer in scenario");
         let ph = host_index(s, &s.vms[pi].host.clone());
         let before = ph != si;
         let after = ph != di;
@@ -90,7 +102,10 @@ pub fn balloon(s: &mut Scenario, vm: &str, to_mib: u64) {
 }
 
 fn host_index(s: &Scenario, name: &str) -> usize {
-    s.hosts.iter().position(|h| h.name == name).expect("host in scenario")
+    s.hosts
+        .iter()
+        .position(|h| h.name == name)
+        .expect("host in scenario")
 }
 
 /// Whether every host in `s` is within its physical capacity: CPU and NIC at most 100 %, memory committed at most
@@ -98,8 +113,20 @@ fn host_index(s: &Scenario, name: &str) -> usize {
 pub fn within_capacity(s: &Scenario, host: &str) -> bool {
     const EPS: f64 = 1e-9;
     s.host(host).is_some_and(|h| {
-        h.cpu_pct <= 100.0 + EPS && h.nic_pct <= 100.0 + EPS && s.committed_mib(host) <= h.memory_mib
+        h.cpu_pct <= 100.0 + EPS
+            && h.nic_pct <= 100.0 + EPS
+            && s.committed_mib(host) <= h.memory_mib
     })
+}
+
+/// The first host that is within capacity in `before` but not in `after`. Hosts already past capacity (an
+/// overcommitted source, say) are not held against a move that does not make them worse.
+pub fn newly_over_capacity<'a>(before: &Scenario, after: &'a Scenario) -> Option<&'a str> {
+    after
+        .hosts
+        .iter()
+        .map(|h| h.name.as_str())
+        .find(|h| within_capacity(before, h) && !within_capacity(after, h))
 }
 
 #[cfg(test)]
@@ -138,11 +165,27 @@ mod tests {
         // a and b talk over IDC on h1; a also talks to c on h2 (200 Mbps) and to clients (50 Mbps).
         Scenario {
             description: None,
-            hosts: vec![host("h1", 4, 60.0, 25.0), host("h2", 2, 20.0, 20.0), host("h3", 4, 10.0, 0.0)],
-            vms: vec![vm("a", "h1", 30.0, 250.0), vm("b", "h1", 10.0, 0.0), vm("c", "h2", 10.0, 200.0)],
+            hosts: vec![
+                host("h1", 4, 60.0, 25.0),
+                host("h2", 2, 20.0, 20.0),
+                host("h3", 4, 10.0, 0.0),
+            ],
+            vms: vec![
+                vm("a", "h1", 30.0, 250.0),
+                vm("b", "h1", 10.0, 0.0),
+                vm("c", "h2", 10.0, 200.0),
+            ],
             traffic: vec![
-                Flow { a: "a".into(), b: "b".into(), mbps: 100.0 },
-                Flow { a: "c".into(), b: "a".into(), mbps: 200.0 },
+                Flow {
+                    a: "a".into(),
+                    b: "b".into(),
+                    mbps: 100.0,
+                },
+                Flow {
+                    a: "c".into(),
+                    b: "a".into(),
+                    mbps: 200.0,
+                },
             ],
             tuning: Tuning::default(),
         }
@@ -160,9 +203,19 @@ mod tests {
         let cases = [
             // To h2 (2 CPUs): 30 points on 4 CPUs weigh 60 on 2. a-b becomes NIC traffic (100 Mbps on h1 and h2),
             // a-c becomes IDC (h2 loses 200), the 50 Mbps of clients move to h2.
-            Case { to: "h2", cpu: [30.0, 80.0, 10.0], nic: [10.0, 15.0, 0.0], vm_nic: [150.0, 100.0, 0.0] },
+            Case {
+                to: "h2",
+                cpu: [30.0, 80.0, 10.0],
+                nic: [10.0, 15.0, 0.0],
+                vm_nic: [150.0, 100.0, 0.0],
+            },
             // To h3: a-b and a-c both cross h3's NIC; h1 keeps a-b's 100 Mbps, h2 keeps a-c.
-            Case { to: "h3", cpu: [30.0, 20.0, 40.0], nic: [10.0, 20.0, 35.0], vm_nic: [350.0, 100.0, 200.0] },
+            Case {
+                to: "h3",
+                cpu: [30.0, 20.0, 40.0],
+                nic: [10.0, 20.0, 35.0],
+                vm_nic: [350.0, 100.0, 200.0],
+            },
         ];
         for c in cases {
             let p = project(&two_pairs(), "a", c.to);

@@ -142,9 +142,15 @@ impl fmt::Display for Entry {
 impl Scenario {
     /// Parses and validates a scenario from JSON text.
     pub fn from_json(text: &str) -> Result<Scenario, PlanError> {
-        let root: Value = serde_json::from_str(text).map_err(|e| PlanError::Syntax { reason: e.to_string() })?;
+        let root: Value = serde_json::from_str(text).map_err(|e| PlanError::Syntax {
+            reason: e.to_string(),
+        })?;
         let root = as_object(&root, &Entry::Scenario)?;
-        let top = Obj::new(Entry::Scenario, root, &["description", "hosts", "vms", "traffic", "tuning"])?;
+        let top = Obj::new(
+            Entry::Scenario,
+            root,
+            &["description", "hosts", "vms", "traffic", "tuning"],
+        )?;
         let description = top.opt_string("description")?;
         let hosts = top
             .list("hosts")?
@@ -171,7 +177,13 @@ impl Scenario {
             None => Tuning::default(),
             Some(v) => parse_tuning(v)?,
         };
-        let scenario = Scenario { description, hosts, vms, traffic, tuning };
+        let scenario = Scenario {
+            description,
+            hosts,
+            vms,
+            traffic,
+            tuning,
+        };
         scenario.validate()?;
         Ok(scenario)
     }
@@ -180,7 +192,10 @@ impl Scenario {
     /// Scenarios built in code should pass through here too.
     pub fn validate(&self) -> Result<(), PlanError> {
         if self.hosts.is_empty() {
-            return Err(PlanError::Invalid { entry: Entry::Scenario, reason: "no hosts".into() });
+            return Err(PlanError::Invalid {
+                entry: Entry::Scenario,
+                reason: "no hosts".into(),
+            });
         }
         let mut hosts = BTreeSet::new();
         for h in &self.hosts {
@@ -189,17 +204,29 @@ impl Scenario {
                 return Err(PlanError::Duplicate { entry: e });
             }
             if h.cpus == 0 {
-                return Err(PlanError::Invalid { entry: e, reason: "cpus must be at least 1".into() });
+                return Err(PlanError::Invalid {
+                    entry: e,
+                    reason: "cpus must be at least 1".into(),
+                });
             }
             if h.memory_mib == 0 {
-                return Err(PlanError::Invalid { entry: e, reason: "memory_mib must be above 0".into() });
+                return Err(PlanError::Invalid {
+                    entry: e,
+                    reason: "memory_mib must be above 0".into(),
+                });
             }
             if h.memory_reserved_mib > h.memory_mib {
-                return Err(PlanError::Invalid { entry: e, reason: "memory_reserved_mib exceeds memory_mib".into() });
+                return Err(PlanError::Invalid {
+                    entry: e,
+                    reason: "memory_reserved_mib exceeds memory_mib".into(),
+                });
             }
             figure(&e, "nic_mbps", h.nic_mbps, None)?;
             if h.nic_mbps == 0.0 {
-                return Err(PlanError::Invalid { entry: e, reason: "nic_mbps must be above 0".into() });
+                return Err(PlanError::Invalid {
+                    entry: e,
+                    reason: "nic_mbps must be above 0".into(),
+                });
             }
             figure(&e, "cpu_pct", h.cpu_pct, Some(100.0))?;
             figure(&e, "swap_writes_per_s", h.swap_writes_per_s, None)?;
@@ -224,17 +251,26 @@ impl Scenario {
                 return Err(PlanError::NoHost { vm: v.name.clone() });
             }
             if !hosts.contains(v.host.as_str()) {
-                return Err(PlanError::UnknownHost { vm: v.name.clone(), host: v.host.clone() });
+                return Err(PlanError::UnknownHost {
+                    vm: v.name.clone(),
+                    host: v.host.clone(),
+                });
             }
             figure(&e, "cpu_pct", v.cpu_pct, Some(100.0))?;
             figure(&e, "memory_pct", v.memory_pct, Some(100.0))?;
             figure(&e, "nic_mbps", v.nic_mbps, None)?;
             figure(&e, "swap_writes_per_s", v.swap_writes_per_s, None)?;
             if v.memory_mib == 0 {
-                return Err(PlanError::Invalid { entry: e, reason: "memory_mib must be above 0".into() });
+                return Err(PlanError::Invalid {
+                    entry: e,
+                    reason: "memory_mib must be above 0".into(),
+                });
             }
             if v.memory_max_mib.is_some_and(|m| m < v.memory_mib) {
-                return Err(PlanError::Invalid { entry: e, reason: "memory_max_mib is below memory_mib".into() });
+                return Err(PlanError::Invalid {
+                    entry: e,
+                    reason: "memory_max_mib is below memory_mib".into(),
+                });
             }
         }
         let mut pairs = BTreeSet::new();
@@ -242,22 +278,47 @@ impl Scenario {
             let e = Entry::Traffic(f.a.clone(), f.b.clone());
             for end in [&f.a, &f.b] {
                 if !vms.contains(end.as_str()) {
-                    return Err(PlanError::UnknownVm { entry: e, vm: end.clone() });
+                    return Err(PlanError::UnknownVm {
+                        entry: e,
+                        vm: end.clone(),
+                    });
                 }
             }
             if f.a == f.b {
-                return Err(PlanError::Invalid { entry: e, reason: "a VM cannot talk to itself".into() });
+                return Err(PlanError::Invalid {
+                    entry: e,
+                    reason: "a VM cannot talk to itself".into(),
+                });
             }
-            let key = if f.a < f.b { (&f.a, &f.b) } else { (&f.b, &f.a) };
+            let key = if f.a < f.b {
+                (&f.a, &f.b)
+            } else {
+                (&f.b, &f.a)
+            };
             if !pairs.insert(key) {
                 return Err(PlanError::Duplicate { entry: e });
             }
             figure(&e, "mbps", f.mbps, None)?;
         }
         let t = &self.tuning;
-        figure(&Entry::Tuning, "cpu_threshold_pct", t.cpu_threshold_pct, Some(100.0))?;
-        figure(&Entry::Tuning, "swap_threshold_writes_per_s", t.swap_threshold_writes_per_s, None)?;
-        figure(&Entry::Tuning, "nic_threshold_pct", t.nic_threshold_pct, Some(100.0))?;
+        figure(
+            &Entry::Tuning,
+            "cpu_threshold_pct",
+            t.cpu_threshold_pct,
+            Some(100.0),
+        )?;
+        figure(
+            &Entry::Tuning,
+            "swap_threshold_writes_per_s",
+            t.swap_threshold_writes_per_s,
+            None,
+        )?;
+        figure(
+            &Entry::Tuning,
+            "nic_threshold_pct",
+            t.nic_threshold_pct,
+            Some(100.0),
+        )?;
         if let Some(b) = t.vm_nic_bound_mbps {
             figure(&Entry::Tuning, "vm_nic_bound_mbps", b, None)?;
         }
@@ -286,45 +347,77 @@ impl Scenario {
 
     /// Memory still free for guests on `host` (zero when overcommitted).
     pub fn free_mib(&self, host: &str) -> u64 {
-        self.host(host).map_or(0, |h| h.memory_mib.saturating_sub(self.committed_mib(host)))
+        self.host(host)
+            .map_or(0, |h| h.memory_mib.saturating_sub(self.committed_mib(host)))
     }
 
-    /// Every flow touching `vm`, as (peer, Mbps).
-    pub fn peers<'a>(&'a self, vm: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
-        self.traffic.iter().filter_map(move |f| {
-            if f.a == vm {
-                Some((f.b.as_str(), f.mbps))
-            } else if f.b == vm {
-                Some((f.a.as_str(), f.mbps))
-            } else {
-                None
-            }
-        })
+    /// Every flow touching `vm`, as (peer, Mbps), sorted by peer so that sums over them do not depend on the order
+    /// the scenario lists its traffic in (floating-point addition is not associative).
+    pub fn peers<'a>(&'a self, vm: &str) -> Vec<(&'a str, f64)> {
+        let mut peers: Vec<(&str, f64)> = self
+            .traffic
+            .iter()
+            .filter_map(|f| {
+                if f.a == vm {
+                    Some((f.b.as_str(), f.mbps))
+                } else if f.b == vm {
+                    Some((f.a.as_str(), f.mbps))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        peers.sort_by(|a, b| a.0.cmp(b.0));
+        peers
     }
 
     /// Which host each VM is on.
     pub fn placement(&self) -> HashMap<&str, &str> {
-        self.vms.iter().map(|v| (v.name.as_str(), v.host.as_str())).collect()
+        self.vms
+            .iter()
+            .map(|v| (v.name.as_str(), v.host.as_str()))
+            .collect()
     }
 }
 
-fn figure(entry: &Entry, field: &'static str, value: f64, max: Option<f64>) -> Result<(), PlanError> {
+fn figure(
+    entry: &Entry,
+    field: &'static str,
+    value: f64,
+    max: Option<f64>,
+) -> Result<(), PlanError> {
     if !value.is_finite() {
-        return Err(PlanError::NotANumber { entry: entry.clone(), field, found: value.to_string() });
+        return Err(PlanError::NotANumber {
+            entry: entry.clone(),
+            field,
+            found: value.to_string(),
+        });
     }
     if value < 0.0 {
-        return Err(PlanError::Negative { entry: entry.clone(), field, value });
+        return Err(PlanError::Negative {
+            entry: entry.clone(),
+            field,
+            value,
+        });
     }
     if let Some(max) = max {
         if value > max {
-            return Err(PlanError::OutOfRange { entry: entry.clone(), field, value, max });
+            return Err(PlanError::OutOfRange {
+                entry: entry.clone(),
+                field,
+                value,
+                max,
+            });
         }
     }
     Ok(())
 }
 
 fn as_object<'a>(v: &'a Value, entry: &Entry) -> Result<&'a Map<String, Value>, PlanError> {
-    v.as_object().ok_or_else(|| PlanError::Invalid { entry: entry.clone(), reason: "must be a JSON object".into() })
+    v.as_object().ok_or_else(|| PlanError::Invalid {
+        entry: entry.clone(),
+        reason: "must be a JSON object".into(),
+    })
 }
 
 /// One JSON object being read as a scenario entry; every error it returns names the entry and the field.
@@ -338,14 +431,20 @@ impl<'a> Obj<'a> {
         // Unknown keys are refused: a misspelt optional field (say `memory_max_mb`) would otherwise be silently
         // ignored and the simulation would run on a default the author did not mean.
         if let Some(k) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
-            return Err(PlanError::UnknownField { entry, field: k.clone() });
+            return Err(PlanError::UnknownField {
+                entry,
+                field: k.clone(),
+            });
         }
         Ok(Obj { entry, map })
     }
 
     fn get(&self, field: &'static str) -> Result<&'a Value, PlanError> {
         match self.map.get(field) {
-            None | Some(Value::Null) => Err(PlanError::MissingField { entry: self.entry.clone(), field }),
+            None | Some(Value::Null) => Err(PlanError::MissingField {
+                entry: self.entry.clone(),
+                field,
+            }),
             Some(v) => Ok(v),
         }
     }
@@ -370,7 +469,11 @@ impl<'a> Obj<'a> {
             return Ok(n);
         }
         match v.as_f64() {
-            Some(n) if n < 0.0 => Err(PlanError::Negative { entry: self.entry.clone(), field, value: n }),
+            Some(n) if n < 0.0 => Err(PlanError::Negative {
+                entry: self.entry.clone(),
+                field,
+                value: n,
+            }),
             Some(_) => Err(PlanError::Invalid {
                 entry: self.entry.clone(),
                 reason: format!("{field} must be a whole number, found {v}"),
@@ -406,10 +509,12 @@ impl<'a> Obj<'a> {
 
     fn string(&self, field: &'static str) -> Result<String, PlanError> {
         let v = self.get(field)?;
-        v.as_str().map(str::to_owned).ok_or_else(|| PlanError::Invalid {
-            entry: self.entry.clone(),
-            reason: format!("{field} must be a string, found {v}"),
-        })
+        v.as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| PlanError::Invalid {
+                entry: self.entry.clone(),
+                reason: format!("{field} must be a string, found {v}"),
+            })
     }
 
     fn opt_string(&self, field: &'static str) -> Result<Option<String>, PlanError> {
@@ -428,20 +533,32 @@ impl<'a> Obj<'a> {
     }
 
     fn not_a_number(&self, field: &'static str, found: &Value) -> PlanError {
-        PlanError::NotANumber { entry: self.entry.clone(), field, found: found.to_string() }
+        PlanError::NotANumber {
+            entry: self.entry.clone(),
+            field,
+            found: found.to_string(),
+        }
     }
 }
 
 /// Reads an entry's `name` first, so that every later error can name it.
-fn named<'a>(list: &'static str, index: usize, v: &'a Value) -> Result<(String, &'a Map<String, Value>), PlanError> {
+fn named<'a>(
+    list: &'static str,
+    index: usize,
+    v: &'a Value,
+) -> Result<(String, &'a Map<String, Value>), PlanError> {
     let nth = Entry::Nth(list, index + 1);
     let map = as_object(v, &nth)?;
     match map.get("name") {
         Some(Value::String(s)) if !s.is_empty() => Ok((s.clone(), map)),
-        None | Some(Value::Null) => Err(PlanError::MissingField { entry: nth, field: "name" }),
-        Some(other) => {
-            Err(PlanError::Invalid { entry: nth, reason: format!("name must be a non-empty string, found {other}") })
-        }
+        None | Some(Value::Null) => Err(PlanError::MissingField {
+            entry: nth,
+            field: "name",
+        }),
+        Some(other) => Err(PlanError::Invalid {
+            entry: nth,
+            reason: format!("name must be a non-empty string, found {other}"),
+        }),
     }
 }
 
@@ -463,13 +580,19 @@ fn parse_host(index: usize, v: &Value) -> Result<Host, PlanError> {
         ],
     )?;
     let cpus = o.whole("cpus")?;
-    let cpus = u32::try_from(cpus)
-        .map_err(|_| PlanError::Invalid { entry: o.entry.clone(), reason: format!("cpus {cpus} is too large") })?;
+    let cpus = u32::try_from(cpus).map_err(|_| PlanError::Invalid {
+        entry: o.entry.clone(),
+        reason: format!("cpus {cpus} is too large"),
+    })?;
     let history = match map.get("history") {
         None | Some(Value::Null) => History::default(),
         Some(h) => {
             let hm = as_object(h, &o.entry)?;
-            let ho = Obj::new(o.entry.clone(), hm, &["cpu_pct", "swap_writes_per_s", "nic_pct"])?;
+            let ho = Obj::new(
+                o.entry.clone(),
+                hm,
+                &["cpu_pct", "swap_writes_per_s", "nic_pct"],
+            )?;
             History {
                 cpu_pct: ho.numbers("cpu_pct")?,
                 swap_writes_per_s: ho.numbers("swap_writes_per_s")?,
@@ -527,8 +650,15 @@ fn parse_flow(index: usize, v: &Value) -> Result<Flow, PlanError> {
     let map = as_object(v, &nth)?;
     let ends = Obj::new(nth, map, &["a", "b", "mbps"])?;
     let (a, b) = (ends.string("a")?, ends.string("b")?);
-    let o = Obj { entry: Entry::Traffic(a.clone(), b.clone()), map };
-    Ok(Flow { mbps: o.number("mbps")?, a, b })
+    let o = Obj {
+        entry: Entry::Traffic(a.clone(), b.clone()),
+        map,
+    };
+    Ok(Flow {
+        mbps: o.number("mbps")?,
+        a,
+        b,
+    })
 }
 
 fn parse_tuning(v: &Value) -> Result<Tuning, PlanError> {
@@ -545,16 +675,25 @@ fn parse_tuning(v: &Value) -> Result<Tuning, PlanError> {
         ],
     )?;
     let d = Tuning::default();
-    let step = o.opt_whole("balloon_step_mib")?.unwrap_or(d.balloon_step_mib);
+    let step = o
+        .opt_whole("balloon_step_mib")?
+        .unwrap_or(d.balloon_step_mib);
     if step == 0 {
-        return Err(PlanError::Invalid { entry: Entry::Tuning, reason: "balloon_step_mib must be above 0".into() });
+        return Err(PlanError::Invalid {
+            entry: Entry::Tuning,
+            reason: "balloon_step_mib must be above 0".into(),
+        });
     }
     Ok(Tuning {
-        cpu_threshold_pct: o.opt_number("cpu_threshold_pct")?.unwrap_or(d.cpu_threshold_pct),
+        cpu_threshold_pct: o
+            .opt_number("cpu_threshold_pct")?
+            .unwrap_or(d.cpu_threshold_pct),
         swap_threshold_writes_per_s: o
             .opt_number("swap_threshold_writes_per_s")?
             .unwrap_or(d.swap_threshold_writes_per_s),
-        nic_threshold_pct: o.opt_number("nic_threshold_pct")?.unwrap_or(d.nic_threshold_pct),
+        nic_threshold_pct: o
+            .opt_number("nic_threshold_pct")?
+            .unwrap_or(d.nic_threshold_pct),
         balloon_step_mib: step,
         vm_nic_bound_mbps: o.opt_number("vm_nic_bound_mbps")?,
     })
@@ -595,27 +734,51 @@ mod tests {
     fn malformed_scenarios_name_the_entry() {
         type Edit = fn(&mut Value);
         let cases: &[(&str, Edit)] = &[
-            (r#"vm "VM2": host "node9" is not in the scenario"#, |v| v["vms"][1]["host"] = "node9".into()),
-            (r#"host "node1" is listed twice"#, |v| v["hosts"][1]["name"] = "node1".into()),
-            (r#"vm "VM1" is listed twice"#, |v| v["vms"][1]["name"] = "VM1".into()),
-            (r#"host "node2": cpu_pct is negative (-3)"#, |v| v["hosts"][1]["cpu_pct"] = (-3.0).into()),
-            (r#"vm "VM1": nic_mbps must be a number, found "fast""#, |v| v["vms"][0]["nic_mbps"] = "fast".into()),
+            (r#"vm "VM2": host "node9" is not in the scenario"#, |v| {
+                v["vms"][1]["host"] = "node9".into()
+            }),
+            (r#"host "node1" is listed twice"#, |v| {
+                v["hosts"][1]["name"] = "node1".into()
+            }),
+            (r#"vm "VM1" is listed twice"#, |v| {
+                v["vms"][1]["name"] = "VM1".into()
+            }),
+            (r#"host "node2": cpu_pct is negative (-3)"#, |v| {
+                v["hosts"][1]["cpu_pct"] = (-3.0).into()
+            }),
+            (
+                r#"vm "VM1": nic_mbps must be a number, found "fast""#,
+                |v| v["vms"][0]["nic_mbps"] = "fast".into(),
+            ),
             (r#"vm "VM2" is on no host"#, |v| {
                 v["vms"][1].as_object_mut().unwrap().remove("host");
             }),
-            (r#"vm "VM2" is on no host"#, |v| v["vms"][1]["host"] = "".into()),
-            (r#"traffic "VM1"-"VM7": vm "VM7" is not in the scenario"#, |v| v["traffic"][0]["b"] = "VM7".into()),
+            (r#"vm "VM2" is on no host"#, |v| {
+                v["vms"][1]["host"] = "".into()
+            }),
+            (
+                r#"traffic "VM1"-"VM7": vm "VM7" is not in the scenario"#,
+                |v| v["traffic"][0]["b"] = "VM7".into(),
+            ),
             (r#"host "node1": missing field "cpus""#, |v| {
                 v["hosts"][0].as_object_mut().unwrap().remove("cpus");
             }),
-            (r#"vm "VM1": unknown field "memory_max_mb""#, |v| v["vms"][0]["memory_max_mb"] = 9.into()),
-            (r#"host "node1": cpu_pct is 140, above 100"#, |v| v["hosts"][0]["cpu_pct"] = 140.into()),
-            (r#"vm "VM1": memory_mib is negative (-512)"#, |v| v["vms"][0]["memory_mib"] = (-512).into()),
+            (r#"vm "VM1": unknown field "memory_max_mb""#, |v| {
+                v["vms"][0]["memory_max_mb"] = 9.into()
+            }),
+            (r#"host "node1": cpu_pct is 140, above 100"#, |v| {
+                v["hosts"][0]["cpu_pct"] = 140.into()
+            }),
+            (r#"vm "VM1": memory_mib is negative (-512)"#, |v| {
+                v["vms"][0]["memory_mib"] = (-512).into()
+            }),
             (r#"hosts entry #2: missing field "name""#, |v| {
                 v["hosts"][1].as_object_mut().unwrap().remove("name");
             }),
             ("scenario: no hosts", |v| v["hosts"] = Value::Array(vec![])),
-            (r#"traffic "VM1"-"VM2": mbps is negative (-1)"#, |v| v["traffic"][0]["mbps"] = (-1).into()),
+            (r#"traffic "VM1"-"VM2": mbps is negative (-1)"#, |v| {
+                v["traffic"][0]["mbps"] = (-1).into()
+            }),
         ];
         for (want, edit) in cases {
             let err = Scenario::from_json(&with(*edit)).unwrap_err();
