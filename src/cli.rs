@@ -1,18 +1,101 @@
-//! Command-line definitions (raw arguments only; validation lives in the library).
+//! Command-line definitions (raw arguments only; validation lives in the library's `config`).
 
 use std::path::PathBuf;
+
+use qmigrate::migrate::ladder::{AutoConverge, OnTimeout, Postcopy};
 
 #[derive(Debug, clap::Parser)]
 #[command(name = "qmigrate", version, about = "Live migration of bare QEMU VMs over QMP")]
 pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
+    /// Migrate one running VM live, with convergence control.
+    Migrate(MigrateArgs),
+    /// Start a real guest with a dirtying workload, migrate it to a destination launched from its own command
+    /// line, print the report and end both QEMUs.
+    Demo(DemoArgs),
     /// Run a balancing policy on a scenario file, with no QEMU, and print each round's decisions.
     Simulate(SimulateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TuningArgs {
+    /// Downtime limit to start with.
+    #[arg(long, default_value = "300ms")]
+    pub downtime: String,
+    /// The ceiling escalation may raise the downtime limit to.
+    #[arg(long, default_value = "1s")]
+    pub max_downtime: String,
+    /// Bandwidth cap for the migration stream.
+    #[arg(long, default_value = "1GiB/s")]
+    pub bandwidth: String,
+    /// Give up (see --on-timeout) after this long.
+    #[arg(long, default_value = "5m")]
+    pub timeout: String,
+    /// Throttle the guest: from the start (on), never (off), or as an escalation step (auto).
+    #[arg(long, value_enum, default_value_t = AutoConverge::Auto)]
+    pub auto_converge: AutoConverge,
+    /// Postcopy: never, as an escalation step (fallback), or right after the first pass (always).
+    #[arg(long, value_enum, default_value_t = Postcopy::Never)]
+    pub postcopy: Postcopy,
+    /// At the timeout: cancel (the source runs on) or pause (stop the guest and finish offline).
+    #[arg(long, value_enum, default_value_t = OnTimeout::Cancel)]
+    pub on_timeout: OnTimeout,
+    /// How long to sample the dirty rate before starting (0 to skip).
+    #[arg(long, default_value = "1s")]
+    pub dirty_rate_sample: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// QMP socket of the source (a path, unix:PATH or tcp:HOST:PORT).
+    #[arg(long)]
+    pub from: String,
+    /// QMP socket of the destination, a QEMU started with -incoming defer.
+    #[arg(long, required_unless_present = "launch_dst", conflicts_with = "launch_dst")]
+    pub to: Option<String>,
+    /// Start the destination QEMU by mirroring the source's command line, with -incoming defer.
+    #[arg(long)]
+    pub launch_dst: bool,
+    /// With --launch-dst: the destination's QMP socket path (default: the source's, suffixed .incoming).
+    #[arg(long, requires = "launch_dst")]
+    pub dst_qmp: Option<PathBuf>,
+    /// Migration stream URI (default: a fresh UNIX socket; tcp:HOST:PORT across hosts).
+    #[arg(long)]
+    pub uri: Option<String>,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The guest's workload: idle, cpu, dirty:MiB[:MiB/s], web, netrecv, disk.
+    #[arg(long, default_value = "dirty:64")]
+    pub workload: String,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: u32,
+    /// Directory with vmlinuz and initrd.img (scripts/build-guest).
+    #[arg(long, env = "QMIGRATE_GUEST_DIR", default_value = "target/guest")]
+    pub guest_dir: PathBuf,
+    /// QEMU binary.
+    #[arg(long, env = "QMIGRATE_QEMU", default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// Accelerator: tcg, or kvm where KVM works.
+    #[arg(long, default_value = "tcg")]
+    pub accel: String,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -8,3 +8,7 @@ pub mod qmp;
 pub mod migrate;
 pub mod predict;
 pub mod report;
+pub mod launch;
+pub mod testbed;
+pub mod exit;
+pub mod config;

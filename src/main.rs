@@ -1,23 +1,211 @@
-//! The `qmigrate` binary: argument parsing, tracing set-up, error printing and exit codes. Nothing else.
+//! The `qmigrate` binary: argument parsing, tracing set-up, progress display, error printing and exit codes.
+//! Everything else lives in the library.
 
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Parser;
+use qmigrate::exit::Exit;
+use qmigrate::migrate::{self, Destination, MigrationRequest, Progress};
+use qmigrate::report::MigrationReport;
+use tokio_util::sync::CancellationToken;
 
 mod cli;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
-    match args.command {
-        cli::Command::Simulate(s) => {
-            match qmigrate::plan::run_simulate_command(&s.scenario, &s.policy, s.rounds, s.json) {
-                Ok(out) => {
-                    print!("{out}");
-                    std::process::ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    std::process::ExitCode::from(2)
-                }
+    let filter = match args.verbose {
+        0 => "warn",
+        1 => "qmigrate=info,warn",
+        2 => "qmigrate=debug,info",
+        _ => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QMIGRATE_LOG").unwrap_or_else(|_| filter.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the async runtime"), Exit::Internal).into(),
+    };
+    runtime.block_on(run(args.command)).into()
+}
+
+async fn run(command: cli::Command) -> Exit {
+    match command {
+        cli::Command::Migrate(a) => {
+            let req = match migrate_request(&a) {
+                Ok(r) => r,
+                Err(e) => return fail(&e, Exit::Usage),
+            };
+            run_migration(&req, a.tuning.json).await
+        }
+        cli::Command::Demo(a) => demo(&a).await,
+        cli::Command::Simulate(s) => match qmigrate::plan::run_simulate_command(&s.scenario, &s.policy, s.rounds, s.json) {
+            Ok(out) => {
+                print!("{out}");
+                Exit::Completed
             }
+            Err(e) => fail(&anyhow::Error::new(e), Exit::Usage),
+        },
+    }
+}
+
+fn fail(e: &anyhow::Error, code: Exit) -> Exit {
+    eprintln!("error: {e:#}");
+    code
+}
+
+fn migrate_request(a: &cli::MigrateArgs) -> anyhow::Result<MigrationRequest> {
+    let destination = match (&a.to, a.launch_dst) {
+        (Some(to), false) => Destination::Qmp(to.clone()),
+        (None, true) => Destination::Launch {
+            qmp_path: a.dst_qmp.clone(),
+        },
+        _ => anyhow::bail!("give exactly one of --to and --launch-dst"),
+    };
+    let mut req = MigrationRequest::new(&a.from, destination);
+    req.uri = a.uri.clone();
+    apply_tuning(&mut req, &a.tuning)?;
+    Ok(req)
+}
+
+fn apply_tuning(req: &mut MigrationRequest, t: &cli::TuningArgs) -> anyhow::Result<()> {
+    use qmigrate::config;
+    let l = &mut req.ladder;
+    l.downtime = config::duration("downtime", &t.downtime)?;
+    l.max_downtime = config::duration("max-downtime", &t.max_downtime)?;
+    l.timeout = config::duration("timeout", &t.timeout)?;
+    config::downtimes(l.downtime, l.max_downtime)?;
+    if l.timeout.is_zero() {
+        anyhow::bail!("--timeout must be more than zero");
+    }
+    l.auto_converge = t.auto_converge;
+    l.postcopy = t.postcopy;
+    l.on_timeout = t.on_timeout;
+    req.bandwidth_bytes_per_s = config::rate_bytes_per_s("bandwidth", &t.bandwidth)?;
+    let sample = config::duration("dirty-rate-sample", &t.dirty_rate_sample)?;
+    req.dirty_rate_sample = (!sample.is_zero()).then_some(sample);
+    Ok(())
+}
+
+/// Runs one migration with a progress bar on a terminal and SIGINT/SIGTERM cancelling it.
+async fn run_migration(req: &MigrationRequest, json: bool) -> Exit {
+    let cancel = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
+    let bar = std::io::stderr().is_terminal().then(progress_bar);
+    let on_progress = |p: &Progress| {
+        if let Some(bar) = &bar {
+            bar.set_length(p.total_bytes.max(1));
+            bar.set_position(p.total_bytes.saturating_sub(p.remaining_bytes));
+            bar.set_message(format!(
+                "{} pass {} · {}/s · dirty {}/s · throttle {}% · downtime limit {}ms",
+                p.status,
+                p.pass,
+                bytesize::ByteSize(p.throughput_bytes_per_s as u64).to_string_as(true),
+                bytesize::ByteSize(p.dirty_rate_bytes_per_s as u64).to_string_as(true),
+                p.throttle_pct,
+                p.downtime_limit.as_millis()
+            ));
+        }
+    };
+    let result = migrate::migrate(req, &cancel, &on_progress).await;
+    signals.abort();
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    match result {
+        Ok(report) => print_report(&report, json),
+        Err(e) => {
+            let code = e.exit();
+            fail(&anyhow::Error::new(e), code)
         }
     }
+}
+
+fn print_report(report: &MigrationReport, json: bool) -> Exit {
+    if json {
+        match serde_json::to_string_pretty(report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => return fail(&anyhow::Error::new(e), Exit::Internal),
+        }
+    } else {
+        print!("{}", report.to_table());
+    }
+    report.exit()
+}
+
+fn progress_bar() -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(1);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {bytes}/{total_bytes} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+async fn cancel_on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("interrupted: cancelling the migration; the source keeps running");
+    cancel.cancel();
+}
+
+async fn demo(a: &cli::DemoArgs) -> Exit {
+    match demo_inner(a).await {
+        Ok(code) => code,
+        Err(e) => fail(&e, Exit::Internal),
+    }
+}
+
+async fn demo_inner(a: &cli::DemoArgs) -> anyhow::Result<Exit> {
+    use qmigrate::testbed::{Guest, GuestSpec};
+    let run_dir = std::env::temp_dir().join(format!("qmigrate-demo-{}", std::process::id()));
+    let mut spec = GuestSpec::new("demo-vm", &a.workload, &a.guest_dir, &run_dir);
+    spec.memory_mib = a.memory_mib;
+    spec.accel = a.accel.clone();
+    spec.qemu = a.qemu.clone();
+    eprintln!("starting the source guest ({} MiB, workload {}, {})", a.memory_mib, a.workload, a.accel);
+    let mut source = Guest::launch(spec).await.context("cannot start the source guest")?;
+    source.wait_ready(Duration::from_secs(60)).await?;
+    eprintln!(
+        "source QEMU pid {} ready; migrating to a destination launched from its command line",
+        source.pid()
+    );
+    let mut req = MigrationRequest::new(
+        &source.qmp_path().display().to_string(),
+        Destination::Launch { qmp_path: None },
+    );
+    apply_tuning(&mut req, &a.tuning)?;
+    let cancel = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
+    let result = migrate::migrate(&req, &cancel, &|_| {}).await;
+    signals.abort();
+    let code = match result {
+        Ok(report) => {
+            let code = print_report(&report, a.tuning.json);
+            if let Some(pid) = report.destination_pid {
+                // The demo owns both QEMUs: end the destination it launched too.
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            code
+        }
+        Err(e) => {
+            let code = e.exit();
+            fail(&anyhow::Error::new(e), code)
+        }
+    };
+    drop(source);
+    let _ = std::fs::remove_dir_all(&run_dir);
+    Ok(code)
 }

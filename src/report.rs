@@ -1,6 +1,172 @@
-//! The report of one migration: the model, its JSON form and its table.
+//! The report of one migration: the model, its JSON form (`--json`) and its table. Built by `migrate`, printed
+//! by the CLI, read by harnesses.
 
+use std::fmt::Write as _;
 use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::migrate::ladder::{Action, LadderSettings};
+use crate::predict::Prediction;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Completed,
+    Cancelled,
+    Failed,
+}
+
+/// One escalation the controller took, with the figures that triggered it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Escalation {
+    pub at_ms: u64,
+    pub pass: u64,
+    pub action: Action,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DirtyRateBefore {
+    pub bytes_per_s: u64,
+    pub mode: String,
+    pub calc_time_ms: u64,
+}
+
+/// Where the guest is after the migration: QEMU's run state at each end (`gone` if that QEMU is not there).
+#[derive(Debug, Clone, Serialize)]
+pub struct FinalState {
+    pub source: String,
+    pub destination: String,
+    /// How many ends run the guest: 1 is the only right answer.
+    pub running_copies: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    pub vm: String,
+    pub source: String,
+    pub destination: String,
+    pub destination_pid: Option<i32>,
+    pub uri: String,
+    pub outcome: Outcome,
+    /// Why it was cancelled or failed.
+    pub reason: Option<String>,
+    pub total_time_ms: u64,
+    /// As QEMU reports it (`downtime` of `query-migrate`); absent unless completed.
+    pub downtime_ms: Option<u64>,
+    /// total − downtime.
+    pub migration_time_ms: u64,
+    pub setup_time_ms: Option<u64>,
+    pub transferred_bytes: u64,
+    pub ram_bytes: u64,
+    pub passes: u64,
+    pub max_throttle_pct: u64,
+    pub postcopy: bool,
+    pub postcopy_requests: u64,
+    /// The guest was stopped to finish offline (`--on-timeout pause`); `paused_ms` is how long it stood still.
+    pub paused_offline: bool,
+    pub paused_ms: Option<u64>,
+    pub escalations: Vec<Escalation>,
+    pub dirty_rate_before: Option<DirtyRateBefore>,
+    pub predicted: Option<Prediction>,
+    pub settings: ReportSettings,
+    pub final_state: FinalState,
+    /// Cancelled because the user interrupted the run (SIGINT/SIGTERM).
+    pub interrupted: bool,
+    pub qemu_source: String,
+    pub qemu_destination: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReportSettings {
+    #[serde(flatten)]
+    pub ladder: LadderSettings,
+    pub bandwidth_bytes_per_s: u64,
+}
+
+impl MigrationReport {
+    /// A human-readable table.
+    pub fn to_table(&self) -> String {
+        let mut rows: Vec<(&str, String)> = vec![
+            ("vm", self.vm.clone()),
+            ("outcome", format!("{:?}", self.outcome).to_lowercase()),
+        ];
+        if let Some(r) = &self.reason {
+            rows.push(("reason", r.clone()));
+        }
+        rows.push(("source", self.source.clone()));
+        rows.push(("destination", self.destination.clone()));
+        rows.push(("uri", self.uri.clone()));
+        rows.push(("total time", ms(self.total_time_ms)));
+        rows.push(("downtime", self.downtime_ms.map(ms).unwrap_or_else(|| "-".into())));
+        rows.push(("migration time", ms(self.migration_time_ms)));
+        rows.push(("transferred", size(self.transferred_bytes)));
+        rows.push(("ram", size(self.ram_bytes)));
+        rows.push(("passes", self.passes.to_string()));
+        rows.push(("max throttle", format!("{}%", self.max_throttle_pct)));
+        rows.push(("postcopy", if self.postcopy { format!("yes ({} page requests)", self.postcopy_requests) } else { "no".into() }));
+        if self.paused_offline {
+            rows.push(("paused offline", self.paused_ms.map(ms).unwrap_or_default()));
+        }
+        if let Some(d) = &self.dirty_rate_before {
+            rows.push(("dirty rate before", format!("{}/s ({}, {})", size(d.bytes_per_s), d.mode, ms(d.calc_time_ms))));
+        }
+        if let Some(p) = &self.predicted {
+            rows.push((
+                "predicted",
+                format!(
+                    "{:?}: {} passes, total {}, downtime {}",
+                    p.verdict,
+                    p.passes,
+                    ms(p.total_time_ms),
+                    ms(p.downtime_ms)
+                )
+                .to_lowercase(),
+            ));
+        }
+        rows.push((
+            "final state",
+            format!(
+                "source {}, destination {} ({} running)",
+                self.final_state.source, self.final_state.destination, self.final_state.running_copies
+            ),
+        ));
+        let mut out = String::new();
+        for (k, v) in rows {
+            let _ = writeln!(out, "{k:<18} {v}");
+        }
+        if !self.escalations.is_empty() {
+            let _ = writeln!(out, "escalations:");
+            for e in &self.escalations {
+                let _ = writeln!(out, "  {:>8} pass {:<3} {:<16} {}", ms(e.at_ms), e.pass, action_name(&e.action), e.reason);
+            }
+        }
+        out
+    }
+}
+
+pub fn action_name(a: &Action) -> String {
+    match a {
+        Action::RaiseDowntime { to } => format!("downtime {}ms", to.as_millis()),
+        Action::Throttle { .. } => "throttle".into(),
+        Action::StartPostcopy => "postcopy".into(),
+        Action::Cancel => "cancel".into(),
+        Action::PauseSource => "pause source".into(),
+    }
+}
+
+fn ms(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1}s", v as f64 / 1000.0)
+    } else {
+        format!("{v}ms")
+    }
+}
+
+fn size(b: u64) -> String {
+    bytesize::ByteSize(b).to_string_as(true)
+}
 
 pub(crate) fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(d.as_millis() as u64)

@@ -136,7 +136,8 @@ impl Ladder {
         if self.final_action_taken || self.postcopy_started {
             return None;
         }
-        if self.pass_starts.last().is_none_or(|(p, _)| *p != obs.pass) {
+        // Pass 0 is the set-up, before QEMU has counted anything.
+        if obs.pass > 0 && self.pass_starts.last().is_none_or(|(p, _)| *p != obs.pass) {
             self.pass_starts.push((obs.pass, obs.remaining_bytes));
         }
         if obs.elapsed >= self.settings.timeout {

@@ -153,3 +153,16 @@ mod tests {
         assert_eq!(m.ram.unwrap().transferred, 5);
     }
 }
+
+#[cfg(test)]
+mod qemu72_replies {
+    use super::*;
+
+    #[test]
+    fn completed_query_migrate_from_qemu_7_2() {
+        let m: MigrationInfo = serde_json::from_str(r#"{"status": "completed", "setup-time": 0, "downtime": 41, "total-time": 700, "ram": {"total": 268967936, "postcopy-requests": 0, "dirty-sync-count": 3, "multifd-bytes": 0, "pages-per-second": 34640, "downtime-bytes": 5074266, "page-size": 4096, "remaining": 0, "postcopy-bytes": 0, "mbps": 1107.3848799999998, "transferred": 96783128, "dirty-sync-missed-zero-copy": 0, "precopy-bytes": 91708862, "duplicate": 42221, "dirty-pages-rate": 0, "skipped": 0, "normal-bytes": 96215040, "normal": 23490}}"#).unwrap();
+        assert_eq!(m.total_time, Some(700));
+        assert_eq!(m.downtime, Some(41));
+        assert_eq!(m.ram.unwrap().dirty_sync_count, 3);
+    }
+}

@@ -1,0 +1,33 @@
+//! Exit statuses of the `qmigrate` binary, documented in README.md. A library user reads the same from
+//! [`crate::report::MigrationReport`] and [`crate::migrate::MigrateError`].
+
+/// What the process exit status says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    /// The migration completed; the guest runs on the destination only.
+    Completed = 0,
+    /// A bug or an unexpected condition.
+    Internal = 1,
+    /// Invalid arguments.
+    Usage = 2,
+    /// A QMP endpoint cannot be used: missing, not a socket, permission denied, not QMP, not answering.
+    Endpoint = 3,
+    /// A VM is in the wrong state (source not running, destination not waiting for a migration), or QEMU
+    /// refused to set the migration up. Nothing was changed.
+    State = 4,
+    /// The migration was cancelled (timeout with `--on-timeout cancel`); the source runs on.
+    Cancelled = 5,
+    /// The migration failed (QEMU reported a failure, the destination died); the source runs on.
+    Failed = 6,
+    /// Interrupted (SIGINT/SIGTERM); the migration was cancelled and the source runs on.
+    Interrupted = 7,
+    /// After the migration the guest did not run exactly once. Should never happen; look at both ends.
+    GuestNotRunningOnce = 8,
+}
+
+impl From<Exit> for std::process::ExitCode {
+    fn from(e: Exit) -> Self {
+        std::process::ExitCode::from(e as u8)
+    }
+}

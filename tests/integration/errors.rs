@@ -1,0 +1,127 @@
+//! Bad input: each case gets its message (naming what was wrong), its exit status, and loses nothing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::harness::{qmigrate, qmp, run_state, s, Bed};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn missing_socket() {
+    let bed = Bed::new();
+    let missing = bed.path("nothing-here.qmp");
+    let run = qmigrate(&["migrate", "--from", s(&missing), "--to", s(&missing)], LIMIT).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stderr.contains(&format!("{}: no such file", missing.display())), "{run:?}");
+}
+
+#[tokio::test]
+async fn path_that_is_not_a_socket() {
+    let bed = Bed::new();
+    let file = bed.path("plain-file");
+    std::fs::write(&file, "not a socket").unwrap();
+    let run = qmigrate(&["migrate", "--from", s(&file), "--launch-dst"], LIMIT).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stderr.contains(&format!("{}: not a socket", file.display())), "{run:?}");
+}
+
+#[tokio::test]
+async fn socket_that_does_not_speak_qmp() {
+    let bed = Bed::new();
+    let path = bed.path("ssh.sock");
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let peer = tokio::spawn(async move {
+        // A peer that is something else: it greets like an SSH server.
+        while let Ok((mut c, _)) = listener.accept().await {
+            let _ = c.write_all(b"SSH-2.0-OpenSSH_9.2p1\r\n").await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let run = qmigrate(&["migrate", "--from", s(&path), "--launch-dst"], LIMIT).await;
+    peer.abort();
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stderr.contains("not a QMP peer"), "{run:?}");
+    assert!(run.stderr.contains("SSH-2.0"), "{run:?}");
+    assert!(run.stderr.contains(s(&path)), "{run:?}");
+}
+
+#[tokio::test]
+async fn permission_denied() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    // Root passes permission checks, so run qmigrate as nobody against a socket in a root-only directory.
+    std::fs::set_permissions(bed.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = tokio::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_qmigrate")])
+        .args(["migrate", "--from", s(&src), "--launch-dst"])
+        .output()
+        .await
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains(&format!("{}: permission denied", src.display())), "{stderr}");
+    assert_eq!(run_state(&src).await, "running");
+}
+
+#[tokio::test]
+async fn destination_not_waiting_for_a_migration() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    let other = bed.source("other", "idle").await;
+    let run = qmigrate(&["migrate", "--from", s(&src), "--to", s(&other)], LIMIT).await;
+    assert_eq!(run.code, 4, "{run:?}");
+    assert!(run.stderr.contains("is not waiting for a migration (state: running)"), "{run:?}");
+    assert!(run.stderr.contains(s(&other)), "{run:?}");
+    assert_eq!(run_state(&src).await, "running");
+    assert_eq!(run_state(&other).await, "running");
+}
+
+#[tokio::test]
+async fn source_not_running() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    let dst = bed.destination("dst").await;
+    qmp(&src).await.execute(&qapi::qmp::stop {}).await.unwrap();
+    let run = qmigrate(&["migrate", "--from", s(&src), "--to", s(&dst)], LIMIT).await;
+    assert_eq!(run.code, 4, "{run:?}");
+    assert!(run.stderr.contains(&format!("source {} is not running (state: paused)", src.display())), "{run:?}");
+    assert_eq!(run_state(&src).await, "paused", "left as the user had it");
+    assert_eq!(run_state(&dst).await, "inmigrate");
+}
+
+#[tokio::test]
+async fn qmp_error_reply_names_the_command_and_loses_nothing() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    let dst = bed.destination("dst").await;
+    let run = qmigrate(
+        &["migrate", "--from", s(&src), "--to", s(&dst), "--uri", "bogus:nowhere", "--dirty-rate-sample", "0"],
+        LIMIT,
+    )
+    .await;
+    assert_eq!(run.code, 4, "{run:?}");
+    assert!(run.stderr.contains(&format!("cannot set the migration up on {}", dst.display())), "{run:?}");
+    assert!(run.stderr.contains("`migrate-incoming` failed"), "{run:?}");
+    assert_eq!(run_state(&src).await, "running");
+}
+
+#[tokio::test]
+async fn invalid_arguments() {
+    let cases: [(&[&str], &str); 4] = [
+        (&["--bandwidth", "fast"], "--bandwidth \"fast\": not a rate"),
+        (&["--max-downtime", "100ms"], "--max-downtime \"100ms\": is below --downtime 300ms"),
+        (&["--timeout", "soon"], "--timeout \"soon\": not a duration"),
+        (&["--auto-converge", "maybe"], "invalid value 'maybe' for '--auto-converge"),
+    ];
+    for (extra, message) in cases {
+        let mut args = vec!["migrate", "--from", "/nonexistent/a.qmp", "--to", "/nonexistent/b.qmp"];
+        args.extend_from_slice(extra);
+        let run = qmigrate(&args, LIMIT).await;
+        assert_eq!(run.code, 2, "{extra:?}: {run:?}");
+        assert!(run.stderr.contains(message), "{extra:?}: {run:?}");
+    }
+}

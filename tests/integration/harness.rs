@@ -1,0 +1,188 @@
+//! Test harness: real QEMU guests from the project's image, the qmigrate binary as a child process, and
+//! clean-up by pid on drop, also when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use qmigrate::qmp::types::{QueryMigrate, QueryStatus};
+use qmigrate::qmp::{ConnectOptions, Qmp};
+use qmigrate::testbed::{Guest, GuestSpec};
+use serde_json::Value;
+
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("QMIGRATE_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest"));
+    assert!(
+        dir.join("vmlinuz").exists() && dir.join("initrd.img").exists(),
+        "no guest image in {}: run scripts/build-guest first",
+        dir.display()
+    );
+    dir
+}
+
+/// Records the pids of processes the tests start, so `.ci/run` can end any a killed test run left behind.
+fn pid_file(pid: i32) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("qemu-pids");
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join(pid.to_string())
+}
+
+/// One test's world: a scratch directory and the guests started in it.
+pub struct Bed {
+    pub dir: tempfile::TempDir,
+    guests: Vec<Guest>,
+    pids: Vec<PidGuard>,
+}
+
+impl Bed {
+    pub fn new() -> Bed {
+        Bed {
+            dir: tempfile::Builder::new().prefix("qm").tempdir_in("/tmp").expect("tempdir"),
+            guests: Vec::new(),
+            pids: Vec::new(),
+        }
+    }
+
+    fn spec(&self, name: &str, workload: &str) -> GuestSpec {
+        let mut spec = GuestSpec::new(name, workload, &guest_dir(), self.dir.path());
+        if let Some(q) = std::env::var_os("QMIGRATE_QEMU") {
+            spec.qemu = q.into();
+        }
+        spec
+    }
+
+    /// Starts a guest running `workload` and waits until the workload is ready. Returns its QMP socket.
+    pub async fn source(&mut self, name: &str, workload: &str) -> PathBuf {
+        let mut g = Guest::launch(self.spec(name, workload)).await.expect("start the source guest");
+        let _ = std::fs::write(pid_file(g.pid()), "");
+        g.wait_ready(Duration::from_secs(60)).await.expect("guest ready");
+        let qmp = g.qmp_path();
+        self.guests.push(g);
+        qmp
+    }
+
+    /// Starts a destination QEMU with the same configuration, waiting with `-incoming defer`.
+    pub async fn destination(&mut self, name: &str) -> PathBuf {
+        let mut spec = self.spec(name, "idle");
+        spec.incoming = true;
+        let g = Guest::launch(spec).await.expect("start the destination");
+        let _ = std::fs::write(pid_file(g.pid()), "");
+        let qmp = g.qmp_path();
+        self.guests.push(g);
+        qmp
+    }
+
+    pub fn pid_of(&self, qmp: &Path) -> i32 {
+        self.guests.iter().find(|g| g.qmp_path() == qmp).expect("a guest of this bed").pid()
+    }
+
+    /// Kills one guest's QEMU now (SIGKILL).
+    pub fn kill(&mut self, qmp: &Path) {
+        let pid = self.pid_of(qmp);
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+
+    /// Makes sure a process started by qmigrate (a launched destination) ends with this test.
+    pub fn adopt(&mut self, pid: i32) {
+        let _ = std::fs::write(pid_file(pid), "");
+        self.pids.push(PidGuard(pid));
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        for g in &self.guests {
+            let _ = std::fs::remove_file(pid_file(g.pid()));
+        }
+        self.guests.clear();
+    }
+}
+
+pub struct PidGuard(pub i32);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+        let _ = std::fs::remove_file(pid_file(self.0));
+    }
+}
+
+pub async fn qmp(path: &Path) -> Qmp {
+    Qmp::connect_unix(path, &ConnectOptions::default()).await.expect("connect to QMP")
+}
+
+pub async fn run_state(path: &Path) -> String {
+    qmp(path).await.execute(&QueryStatus {}).await.expect("query-status").status
+}
+
+/// Waits until the source's migration reaches `status`.
+pub async fn wait_migration_status(path: &Path, status: &str, timeout: Duration) {
+    let q = qmp(path).await;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = q.execute(&QueryMigrate {}).await.expect("query-migrate").status.unwrap_or_default();
+        if s == status {
+            return;
+        }
+        assert!(Instant::now() < deadline, "migration of {} never reached {status} (now {s})", path.display());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The result of running the qmigrate binary.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}\nstdout:\n{}\nstderr:\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+pub fn qmigrate_cmd(args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_qmigrate"));
+    c.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    c
+}
+
+/// Runs qmigrate to the end, bounded by `limit`.
+pub async fn qmigrate(args: &[&str], limit: Duration) -> Run {
+    let child = qmigrate_cmd(args).spawn().expect("run qmigrate");
+    finish(child, limit).await
+}
+
+pub async fn finish(child: tokio::process::Child, limit: Duration) -> Run {
+    let out = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .expect("qmigrate did not finish in time")
+        .expect("qmigrate output");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}

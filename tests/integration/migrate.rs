@@ -1,0 +1,190 @@
+//! Migrations of real guests: idle, a dirtying guest that cannot converge, the same under the controller, a
+//! user's interrupt, a destination that dies, a destination launched from the source's command line.
+
+use std::time::Duration;
+
+use crate::harness::{qmigrate, qmigrate_cmd, run_state, s, wait_migration_status, Bed, finish};
+
+const MIB: u64 = 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_guest_migrates() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    let dst = bed.destination("dst").await;
+    let run = qmigrate(
+        &["migrate", "--from", s(&src), "--to", s(&dst), "--timeout", "60s", "--json"],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "completed", "{run:?}");
+    assert_eq!(run_state(&dst).await, "running");
+    assert_eq!(run_state(&src).await, "postmigrate");
+    assert_eq!(r["final_state"]["running_copies"], 1);
+    let total = r["total_time_ms"].as_u64().unwrap();
+    let downtime = r["downtime_ms"].as_u64().unwrap();
+    assert!(total > 0 && total < 60_000, "total {total}");
+    assert!(downtime <= total, "downtime {downtime} > total {total}");
+    assert_eq!(r["migration_time_ms"].as_u64().unwrap(), total - downtime);
+    // An idle guest sends its touched pages once, the rest as zero pages: more than a MiB, less than its RAM twice.
+    let sent = r["transferred_bytes"].as_u64().unwrap();
+    assert!(sent > MIB && sent < 512 * MIB, "transferred {sent}");
+    assert_eq!(r["ram_bytes"].as_u64().unwrap(), 256 * MIB);
+    assert!(r["passes"].as_u64().unwrap() >= 2, "{}", r["passes"]);
+    assert!(r["dirty_rate_before"]["bytes_per_s"].is_u64());
+    assert_eq!(r["predicted"]["verdict"], "converges");
+    assert!(r["escalations"].as_array().unwrap().is_empty(), "{}", r["escalations"]);
+}
+
+/// Paper 002's non-convergence: 64 MiB dirtied at random outruns a 32 MiB/s link, and with throttling and
+/// postcopy forbidden and the downtime pinned, nothing can help; the timeout cancels and the source runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_guest_that_cannot_converge_is_cancelled_at_the_timeout() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "dirty:64").await;
+    let dst = bed.destination("dst").await;
+    let run = qmigrate(
+        &[
+            "migrate", "--from", s(&src), "--to", s(&dst), "--json",
+            "--postcopy", "never", "--auto-converge", "off", "--bandwidth", "32MiB/s",
+            "--max-downtime", "300ms", "--timeout", "15s",
+        ],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(run.code, 5, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "cancelled");
+    assert!(r["reason"].as_str().unwrap().contains("timeout"), "{}", r["reason"]);
+    assert_eq!(run_state(&src).await, "running");
+    assert_eq!(r["final_state"]["source"], "running");
+    assert_eq!(r["final_state"]["running_copies"], 1);
+    assert_eq!(r["predicted"]["verdict"], "diverges", "{}", r["predicted"]);
+    let esc = r["escalations"].as_array().unwrap();
+    assert_eq!(esc.len(), 1, "only the timeout's cancel: {esc:?}");
+    assert_eq!(esc[0]["action"]["kind"], "cancel");
+    assert!(r["total_time_ms"].as_u64().unwrap() >= 15_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_guest_with_default_settings_completes() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "dirty:64").await;
+    let dst = bed.destination("dst").await;
+    let run = qmigrate(
+        &["migrate", "--from", s(&src), "--to", s(&dst), "--json", "--timeout", "120s"],
+        Duration::from_secs(180),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "completed");
+    let max_downtime = r["settings"]["max_downtime"].as_u64().unwrap();
+    assert_eq!(max_downtime, 1000);
+    assert!(r["downtime_ms"].as_u64().unwrap() < max_downtime, "{}", r["downtime_ms"]);
+    assert_eq!(run_state(&dst).await, "running");
+    assert_eq!(run_state(&src).await, "postmigrate");
+}
+
+/// The controller at work: the same guest over the same slow link that could not converge above, now with
+/// the ladder free to raise the downtime and throttle. It must complete, and say how.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_escalates_until_a_stalled_migration_completes() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "dirty:64").await;
+    let dst = bed.destination("dst").await;
+    let run = qmigrate(
+        &[
+            "migrate", "--from", s(&src), "--to", s(&dst), "--json",
+            "--bandwidth", "32MiB/s", "--max-downtime", "600ms", "--timeout", "150s",
+        ],
+        Duration::from_secs(200),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let r = run.json();
+    let kinds: Vec<&str> = r["escalations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"]["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"raise-downtime"), "{kinds:?}");
+    assert!(kinds.contains(&"throttle"), "{kinds:?}");
+    assert!(r["max_throttle_pct"].as_u64().unwrap() > 1, "{}", r["max_throttle_pct"]);
+    for e in r["escalations"].as_array().unwrap() {
+        assert!(e["reason"].as_str().unwrap().contains("remaining"), "{e}");
+    }
+    assert_eq!(run_state(&dst).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_cancels_and_the_source_keeps_running() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "dirty:64").await;
+    let dst = bed.destination("dst").await;
+    let child = qmigrate_cmd(&[
+        "migrate", "--from", s(&src), "--to", s(&dst), "--json",
+        "--auto-converge", "off", "--bandwidth", "32MiB/s", "--timeout", "120s",
+    ])
+    .spawn()
+    .unwrap();
+    wait_migration_status(&src, "active", Duration::from_secs(30)).await;
+    let pid = child.id().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGINT).unwrap();
+    let run = finish(child, Duration::from_secs(30)).await;
+    assert_eq!(run.code, 7, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "cancelled");
+    assert_eq!(r["interrupted"], true);
+    assert_eq!(run_state(&src).await, "running");
+    assert_eq!(r["final_state"]["running_copies"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_dying_mid_migration_leaves_the_source_running() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "dirty:64").await;
+    let dst = bed.destination("dst").await;
+    let child = qmigrate_cmd(&[
+        "migrate", "--from", s(&src), "--to", s(&dst), "--json",
+        "--auto-converge", "off", "--bandwidth", "32MiB/s", "--timeout", "120s",
+    ])
+    .spawn()
+    .unwrap();
+    wait_migration_status(&src, "active", Duration::from_secs(30)).await;
+    bed.kill(&dst);
+    let run = finish(child, Duration::from_secs(30)).await;
+    assert_eq!(run.code, 6, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "failed");
+    assert!(r["reason"].as_str().unwrap().contains("destination"), "{}", r["reason"]);
+    assert_eq!(r["final_state"]["destination"], "gone");
+    assert_eq!(run_state(&src).await, "running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn launch_dst_mirrors_the_source_command_line() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    let dst_qmp = bed.path("mirrored.qmp");
+    let run = qmigrate(
+        &["migrate", "--from", s(&src), "--launch-dst", "--dst-qmp", s(&dst_qmp), "--json", "--timeout", "60s"],
+        Duration::from_secs(90),
+    )
+    .await;
+    let r = run.json();
+    let pid = r["destination_pid"].as_i64().expect("destination pid") as i32;
+    bed.adopt(pid);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(r["outcome"], "completed");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    assert!(args.windows(2).any(|w| w[0] == "-incoming" && w[1] == "defer"), "{args:?}");
+    assert!(args.iter().any(|a| a.contains(s(&dst_qmp))), "{args:?}");
+    assert!(args.iter().any(|a| a.contains("workload=idle")), "{args:?}");
+    assert_eq!(run_state(&dst_qmp).await, "running");
+    assert_eq!(run_state(&src).await, "postmigrate");
+}
