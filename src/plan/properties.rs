@@ -2,6 +2,7 @@
 //! clusters yield no moves, and the same scenario (even listed in another order) gives the same decisions.
 
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 
 use super::model;
 use super::scenario::{Flow, History, Host, Scenario, Tuning, Vm};
@@ -142,7 +143,13 @@ fn assert_within_capacity(policy: Policy, s: &Scenario) -> Result<(), TestCaseEr
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
+    // Failing seeds are kept beside this file (src/plan/properties.proptest-regressions), inside the plan module's
+    // tree, and replayed first on every run.
+    #![proptest_config(ProptestConfig {
+        cases: 200,
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn no_plan_exceeds_capacity(s in arb_scenario()) {
