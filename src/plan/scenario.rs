@@ -89,8 +89,10 @@ pub struct Flow {
     pub mbps: f64,
 }
 
-/// Thresholds and steps of the hotspot-driven policies (idc and sandpiper). Defaults are paper 004's.
+/// Thresholds and steps of the hotspot-driven policies (idc and sandpiper). Defaults are paper 004's; any field
+/// may be left out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Tuning {
     pub cpu_threshold_pct: f64,
     pub swap_threshold_writes_per_s: f64,
