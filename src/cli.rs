@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use qmigrate::migrate::ladder::{AutoConverge, OnTimeout, Postcopy};
 
 #[derive(Debug, clap::Parser)]
-#[command(name = "qmigrate", version, about = "Live migration of bare QEMU VMs over QMP")]
+#[command(
+    name = "qmigrate",
+    version,
+    about = "Live migration of bare QEMU VMs over QMP"
+)]
 pub struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -62,7 +66,11 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub from: String,
     /// QMP socket of the destination, a QEMU started with -incoming defer.
-    #[arg(long, required_unless_present = "launch_dst", conflicts_with = "launch_dst")]
+    #[arg(
+        long,
+        required_unless_present = "launch_dst",
+        conflicts_with = "launch_dst"
+    )]
     pub to: Option<String>,
     /// Start the destination QEMU by mirroring the source's command line, with -incoming defer.
     #[arg(long)]

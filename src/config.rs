@@ -6,7 +6,11 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--{flag} {value:?}: {reason}")]
-    Invalid { flag: &'static str, value: String, reason: String },
+    Invalid {
+        flag: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 /// Parses a duration such as `300ms`, `2s`, `5m`.
@@ -21,7 +25,10 @@ pub fn duration(flag: &'static str, value: &str) -> Result<Duration, ConfigError
 /// Parses a rate in bytes per second: `1GiB/s`, `32MiB/s`, `100MB/s` (the `/s` is optional).
 pub fn rate_bytes_per_s(flag: &'static str, value: &str) -> Result<u64, ConfigError> {
     let v = value.trim();
-    let v = v.strip_suffix("/s").or_else(|| v.strip_suffix("ps")).unwrap_or(v);
+    let v = v
+        .strip_suffix("/s")
+        .or_else(|| v.strip_suffix("ps"))
+        .unwrap_or(v);
     let bytes: bytesize::ByteSize = v.trim().parse().map_err(|e| ConfigError::Invalid {
         flag,
         value: value.into(),
@@ -50,7 +57,10 @@ pub fn downtimes(downtime: Duration, max_downtime: Duration) -> Result<(), Confi
         return Err(ConfigError::Invalid {
             flag: "max-downtime",
             value: humantime::format_duration(max_downtime).to_string(),
-            reason: format!("is below --downtime {}", humantime::format_duration(downtime)),
+            reason: format!(
+                "is below --downtime {}",
+                humantime::format_duration(downtime)
+            ),
         });
     }
     Ok(())
@@ -80,7 +90,10 @@ mod tests {
     #[test]
     fn durations_and_ordering() {
         assert_eq!(duration("timeout", "5m").unwrap(), Duration::from_secs(300));
-        assert_eq!(duration("downtime", "300ms").unwrap(), Duration::from_millis(300));
+        assert_eq!(
+            duration("downtime", "300ms").unwrap(),
+            Duration::from_millis(300)
+        );
         let e = duration("timeout", "soon").unwrap_err().to_string();
         assert!(e.starts_with("--timeout \"soon\""), "{e}");
         assert!(downtimes(Duration::from_millis(300), Duration::from_millis(200)).is_err());

@@ -19,7 +19,9 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
-    #[error("QEMU pid {pid} exited ({status}) before its QMP socket {socket} appeared: {log_tail}")]
+    #[error(
+        "QEMU pid {pid} exited ({status}) before its QMP socket {socket} appeared: {log_tail}"
+    )]
     Exited {
         pid: i32,
         socket: String,
@@ -27,7 +29,11 @@ pub enum LaunchError {
         log_tail: String,
     },
     #[error("QEMU pid {pid} did not create its QMP socket {socket} within {}", humantime::format_duration(*after))]
-    NoSocket { pid: i32, socket: String, after: Duration },
+    NoSocket {
+        pid: i32,
+        socket: String,
+        after: Duration,
+    },
     #[error("guest {name}: workload {workload} not ready within {}; last serial line: {serial_tail:?}", humantime::format_duration(*after))]
     NotReady {
         name: String,
@@ -51,7 +57,12 @@ pub struct QemuProcess {
 impl QemuProcess {
     /// Starts `program args…` in its own process group (a Ctrl-C aimed at us does not reach it), output to
     /// `log_path`.
-    pub fn spawn(program: &Path, args: &[String], qmp_path: &Path, log_path: &Path) -> Result<QemuProcess, LaunchError> {
+    pub fn spawn(
+        program: &Path,
+        args: &[String],
+        qmp_path: &Path,
+        log_path: &Path,
+    ) -> Result<QemuProcess, LaunchError> {
         use std::os::unix::process::CommandExt;
         let spawn_err = |source| LaunchError::Spawn {
             program: program.display().to_string(),
@@ -96,7 +107,11 @@ impl QemuProcess {
     pub async fn wait_for_socket(&mut self, timeout: Duration) -> Result<(), LaunchError> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 return Err(LaunchError::Exited {
                     pid: self.pid,
                     socket: self.qmp_path.display().to_string(),
@@ -184,7 +199,11 @@ pub fn process_command_line(pid: i32) -> Result<(PathBuf, Vec<String>), LaunchEr
 /// PURE: the destination's arguments mirrored from the source's: every mention of the source QMP socket path
 /// becomes the destination's, `-incoming`, `-daemonize` and `-pidfile` are dropped, and `-incoming defer` is
 /// appended so the orchestrator chooses the migration URI.
-pub fn mirror_destination_args(source_args: &[String], source_qmp: &str, destination_qmp: &str) -> Vec<String> {
+pub fn mirror_destination_args(
+    source_args: &[String],
+    source_qmp: &str,
+    destination_qmp: &str,
+) -> Vec<String> {
     let mut out = Vec::with_capacity(source_args.len() + 2);
     let mut it = source_args.iter();
     while let Some(a) = it.next() {
@@ -203,9 +222,17 @@ pub fn mirror_destination_args(source_args: &[String], source_qmp: &str, destina
 
 /// Expands a `qemu-configs/*.args` template: one option per line (`-flag value`, split at the first space),
 /// `#` comments, `{name}` placeholders filled from `vars`.
-pub fn expand_template(name: &str, text: &str, vars: &[(&str, String)]) -> Result<Vec<String>, LaunchError> {
+pub fn expand_template(
+    name: &str,
+    text: &str,
+    vars: &[(&str, String)],
+) -> Result<Vec<String>, LaunchError> {
     let mut args = Vec::new();
-    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
         let mut line = line.to_string();
         for (k, v) in vars {
             line = line.replace(&format!("{{{k}}}"), v);
@@ -240,11 +267,29 @@ mod tests {
         let table = [
             (
                 v(&["-m", "256", "-qmp", "unix:/run/a.sock,server=on,wait=off"]),
-                v(&["-m", "256", "-qmp", "unix:/run/b.sock,server=on,wait=off", "-incoming", "defer"]),
+                v(&[
+                    "-m",
+                    "256",
+                    "-qmp",
+                    "unix:/run/b.sock,server=on,wait=off",
+                    "-incoming",
+                    "defer",
+                ]),
             ),
             (
-                v(&["-chardev", "socket,id=m,path=/run/a.sock,server=on", "-incoming", "tcp:0:4444", "-daemonize"]),
-                v(&["-chardev", "socket,id=m,path=/run/b.sock,server=on", "-incoming", "defer"]),
+                v(&[
+                    "-chardev",
+                    "socket,id=m,path=/run/a.sock,server=on",
+                    "-incoming",
+                    "tcp:0:4444",
+                    "-daemonize",
+                ]),
+                v(&[
+                    "-chardev",
+                    "socket,id=m,path=/run/b.sock,server=on",
+                    "-incoming",
+                    "defer",
+                ]),
             ),
             (
                 v(&["--pidfile", "/run/x.pid", "-name", "vm1"]),
@@ -252,7 +297,10 @@ mod tests {
             ),
         ];
         for (src, want) in table {
-            assert_eq!(mirror_destination_args(&src, "/run/a.sock", "/run/b.sock"), want);
+            assert_eq!(
+                mirror_destination_args(&src, "/run/a.sock", "/run/b.sock"),
+                want
+            );
         }
     }
 
@@ -260,7 +308,16 @@ mod tests {
     fn template_expansion() {
         let t = "# comment\n-m {mem}\n-nodefaults\n-append console=ttyS0 workload={w}\n";
         let args = expand_template("t", t, &[("mem", "256".into()), ("w", "idle".into())]).unwrap();
-        assert_eq!(args, v(&["-m", "256", "-nodefaults", "-append", "console=ttyS0 workload=idle"]));
+        assert_eq!(
+            args,
+            v(&[
+                "-m",
+                "256",
+                "-nodefaults",
+                "-append",
+                "console=ttyS0 workload=idle"
+            ])
+        );
         let err = expand_template("t", "-m {mem}", &[]).unwrap_err();
         assert!(err.to_string().contains("{mem}"), "{err}");
     }

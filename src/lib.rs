@@ -3,12 +3,12 @@
 //! # Layout
 //! - [`plan`]: PURE balancing policies (band, idc, sandpiper) and the scenario simulator.
 
-pub mod plan;
-pub mod qmp;
-pub mod migrate;
-pub mod predict;
-pub mod report;
-pub mod launch;
-pub mod testbed;
-pub mod exit;
 pub mod config;
+pub mod exit;
+pub mod launch;
+pub mod migrate;
+pub mod plan;
+pub mod predict;
+pub mod qmp;
+pub mod report;
+pub mod testbed;

@@ -23,13 +23,20 @@ fn main() -> std::process::ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QMIGRATE_LOG").unwrap_or_else(|_| filter.into()),
+            tracing_subscriber::EnvFilter::try_from_env("QMIGRATE_LOG")
+                .unwrap_or_else(|_| filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
-        Err(e) => return fail(&anyhow::Error::new(e).context("cannot start the async runtime"), Exit::Internal).into(),
+        Err(e) => {
+            return fail(
+                &anyhow::Error::new(e).context("cannot start the async runtime"),
+                Exit::Internal,
+            )
+            .into()
+        }
     };
     runtime.block_on(run(args.command)).into()
 }
@@ -44,13 +51,15 @@ async fn run(command: cli::Command) -> Exit {
             run_migration(&req, a.tuning.json).await
         }
         cli::Command::Demo(a) => demo(&a).await,
-        cli::Command::Simulate(s) => match qmigrate::plan::run_simulate_command(&s.scenario, &s.policy, s.rounds, s.json) {
-            Ok(out) => {
-                print!("{out}");
-                Exit::Completed
+        cli::Command::Simulate(s) => {
+            match qmigrate::plan::run_simulate_command(&s.scenario, &s.policy, s.rounds, s.json) {
+                Ok(out) => {
+                    print!("{out}");
+                    Exit::Completed
+                }
+                Err(e) => fail(&anyhow::Error::new(e), Exit::Usage),
             }
-            Err(e) => fail(&anyhow::Error::new(e), Exit::Usage),
-        },
+        }
     }
 }
 
@@ -150,7 +159,10 @@ fn progress_bar() -> indicatif::ProgressBar {
 
 async fn cancel_on_signal(cancel: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
         return;
     };
     tokio::select! {
@@ -175,8 +187,13 @@ async fn demo_inner(a: &cli::DemoArgs) -> anyhow::Result<Exit> {
     spec.memory_mib = a.memory_mib;
     spec.accel = a.accel.clone();
     spec.qemu = a.qemu.clone();
-    eprintln!("starting the source guest ({} MiB, workload {}, {})", a.memory_mib, a.workload, a.accel);
-    let mut source = Guest::launch(spec).await.context("cannot start the source guest")?;
+    eprintln!(
+        "starting the source guest ({} MiB, workload {}, {})",
+        a.memory_mib, a.workload, a.accel
+    );
+    let mut source = Guest::launch(spec)
+        .await
+        .context("cannot start the source guest")?;
     source.wait_ready(Duration::from_secs(60)).await?;
     eprintln!(
         "source QEMU pid {} ready; migrating to a destination launched from its command line",
@@ -196,7 +213,10 @@ async fn demo_inner(a: &cli::DemoArgs) -> anyhow::Result<Exit> {
             let code = print_report(&report, a.tuning.json);
             if let Some(pid) = report.destination_pid {
                 // The demo owns both QEMUs: end the destination it launched too.
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             code
         }

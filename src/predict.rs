@@ -173,6 +173,9 @@ mod tests {
 
     #[test]
     fn downtime_needed_is_remaining_over_bandwidth() {
-        assert_eq!(downtime_needed(50 * 1024 * 1024, 100.0 * MIB), Duration::from_millis(500));
+        assert_eq!(
+            downtime_needed(50 * 1024 * 1024, 100.0 * MIB),
+            Duration::from_millis(500)
+        );
     }
 }

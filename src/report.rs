@@ -99,18 +99,36 @@ impl MigrationReport {
         rows.push(("destination", self.destination.clone()));
         rows.push(("uri", self.uri.clone()));
         rows.push(("total time", ms(self.total_time_ms)));
-        rows.push(("downtime", self.downtime_ms.map(ms).unwrap_or_else(|| "-".into())));
+        rows.push((
+            "downtime",
+            self.downtime_ms.map(ms).unwrap_or_else(|| "-".into()),
+        ));
         rows.push(("migration time", ms(self.migration_time_ms)));
         rows.push(("transferred", size(self.transferred_bytes)));
         rows.push(("ram", size(self.ram_bytes)));
         rows.push(("passes", self.passes.to_string()));
         rows.push(("max throttle", format!("{}%", self.max_throttle_pct)));
-        rows.push(("postcopy", if self.postcopy { format!("yes ({} page requests)", self.postcopy_requests) } else { "no".into() }));
+        rows.push((
+            "postcopy",
+            if self.postcopy {
+                format!("yes ({} page requests)", self.postcopy_requests)
+            } else {
+                "no".into()
+            },
+        ));
         if self.paused_offline {
             rows.push(("paused offline", self.paused_ms.map(ms).unwrap_or_default()));
         }
         if let Some(d) = &self.dirty_rate_before {
-            rows.push(("dirty rate before", format!("{}/s ({}, {})", size(d.bytes_per_s), d.mode, ms(d.calc_time_ms))));
+            rows.push((
+                "dirty rate before",
+                format!(
+                    "{}/s ({}, {})",
+                    size(d.bytes_per_s),
+                    d.mode,
+                    ms(d.calc_time_ms)
+                ),
+            ));
         }
         if let Some(p) = &self.predicted {
             rows.push((
@@ -129,7 +147,9 @@ impl MigrationReport {
             "final state",
             format!(
                 "source {}, destination {} ({} running)",
-                self.final_state.source, self.final_state.destination, self.final_state.running_copies
+                self.final_state.source,
+                self.final_state.destination,
+                self.final_state.running_copies
             ),
         ));
         let mut out = String::new();
@@ -139,7 +159,14 @@ impl MigrationReport {
         if !self.escalations.is_empty() {
             let _ = writeln!(out, "escalations:");
             for e in &self.escalations {
-                let _ = writeln!(out, "  {:>8} pass {:<3} {:<16} {}", ms(e.at_ms), e.pass, action_name(&e.action), e.reason);
+                let _ = writeln!(
+                    out,
+                    "  {:>8} pass {:<3} {:<16} {}",
+                    ms(e.at_ms),
+                    e.pass,
+                    action_name(&e.action),
+                    e.reason
+                );
             }
         }
         out

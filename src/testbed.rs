@@ -110,7 +110,10 @@ impl Guest {
         let deadline = Instant::now() + timeout;
         loop {
             let log = std::fs::read_to_string(self.spec.serial_log()).unwrap_or_default();
-            if log.lines().any(|l| l.starts_with("workload ") && l.ends_with(" ready")) {
+            if log
+                .lines()
+                .any(|l| l.starts_with("workload ") && l.ends_with(" ready"))
+            {
                 return Ok(());
             }
             if !self.process.is_alive() || Instant::now() >= deadline {

@@ -89,7 +89,11 @@ pub enum Action {
         to: Duration,
     },
     /// Let auto-converge throttle the guest: initial, increment and ceiling in percent.
-    Throttle { initial_pct: u8, increment_pct: u8, max_pct: u8 },
+    Throttle {
+        initial_pct: u8,
+        increment_pct: u8,
+        max_pct: u8,
+    },
     StartPostcopy,
     Cancel,
     PauseSource,
@@ -234,7 +238,9 @@ impl Ladder {
             });
         }
         if self.settings.postcopy == Postcopy::Fallback {
-            return Some(self.start_postcopy(format!("{figures}; downtime and throttling exhausted")));
+            return Some(
+                self.start_postcopy(format!("{figures}; downtime and throttling exhausted")),
+            );
         }
         None
     }
@@ -276,7 +282,11 @@ mod tests {
 
     const MIB: u64 = 1024 * 1024;
 
-    fn settings(auto_converge: AutoConverge, postcopy: Postcopy, max_downtime_ms: u64) -> LadderSettings {
+    fn settings(
+        auto_converge: AutoConverge,
+        postcopy: Postcopy,
+        max_downtime_ms: u64,
+    ) -> LadderSettings {
         LadderSettings {
             downtime: Duration::from_millis(300),
             max_downtime: Duration::from_millis(max_downtime_ms),
@@ -299,7 +309,9 @@ mod tests {
     }
 
     fn run(ladder: &mut Ladder, passes: std::ops::RangeInclusive<u64>) -> Vec<Action> {
-        passes.filter_map(|p| ladder.step(&stuck(p, p)).map(|s| s.action)).collect()
+        passes
+            .filter_map(|p| ladder.step(&stuck(p, p)).map(|s| s.action))
+            .collect()
     }
 
     #[test]
@@ -315,16 +327,36 @@ mod tests {
         // (auto-converge, postcopy, max downtime ms) -> the actions over passes 1..=12, the clock at 1 s a pass.
         let table: Vec<(AutoConverge, Postcopy, u64, Vec<Action>)> = vec![
             (AutoConverge::Off, Postcopy::Never, 300, vec![]),
-            (AutoConverge::Auto, Postcopy::Never, 300, vec![throttle.clone()]),
-            (AutoConverge::On, Postcopy::Fallback, 300, vec![Action::StartPostcopy]),
-            (AutoConverge::Off, Postcopy::Never, 1000, vec![d(600), d(1000)]),
+            (
+                AutoConverge::Auto,
+                Postcopy::Never,
+                300,
+                vec![throttle.clone()],
+            ),
+            (
+                AutoConverge::On,
+                Postcopy::Fallback,
+                300,
+                vec![Action::StartPostcopy],
+            ),
+            (
+                AutoConverge::Off,
+                Postcopy::Never,
+                1000,
+                vec![d(600), d(1000)],
+            ),
             (
                 AutoConverge::Auto,
                 Postcopy::Fallback,
                 2000,
                 vec![d1800(), d(2000), throttle.clone(), Action::StartPostcopy],
             ),
-            (AutoConverge::Off, Postcopy::Always, 300, vec![Action::StartPostcopy]),
+            (
+                AutoConverge::Off,
+                Postcopy::Always,
+                300,
+                vec![Action::StartPostcopy],
+            ),
         ];
         for (ac, pc, max, want) in table {
             let mut l = Ladder::new(settings(ac, pc, max));

@@ -16,11 +16,13 @@ use crate::exit::Exit;
 use crate::launch::{self, LaunchError, QemuProcess};
 use crate::predict::{self, PrecopyInput};
 use crate::qmp::types::{
-    CalcDirtyRate, CapabilityState, MigrateSetCapabilities, MigrationInfo, QueryDirtyRate, QueryMigrate,
-    QueryStatus,
+    CalcDirtyRate, CapabilityState, MigrateSetCapabilities, MigrationInfo, QueryDirtyRate,
+    QueryMigrate, QueryStatus,
 };
 use crate::qmp::{ConnectOptions, PeerFeatures, Qmp, QmpError};
-use crate::report::{DirtyRateBefore, Escalation, FinalState, MigrationReport, Outcome, ReportSettings};
+use crate::report::{
+    DirtyRateBefore, Escalation, FinalState, MigrationReport, Outcome, ReportSettings,
+};
 use ladder::{Action, AutoConverge, Ladder, LadderSettings, Observation, Postcopy};
 
 /// Where the guest goes.
@@ -157,16 +159,24 @@ pub async fn migrate(
     cancel: &CancellationToken,
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<MigrationReport, MigrateError> {
-    let src = Qmp::connect(&req.source, &req.connect).await.map_err(MigrateError::Source)?;
+    let src = Qmp::connect(&req.source, &req.connect)
+        .await
+        .map_err(MigrateError::Source)?;
     let src_label = src.label().to_string();
-    let status = src.execute(&QueryStatus {}).await.map_err(MigrateError::Source)?;
+    let status = src
+        .execute(&QueryStatus {})
+        .await
+        .map_err(MigrateError::Source)?;
     if status.status != "running" {
         return Err(MigrateError::SourceNotRunning {
             socket: src_label,
             status: status.status,
         });
     }
-    let mig = src.execute(&QueryMigrate {}).await.map_err(MigrateError::Source)?;
+    let mig = src
+        .execute(&QueryMigrate {})
+        .await
+        .map_err(MigrateError::Source)?;
     if let Some(s) = mig.status.as_deref().filter(|s| is_in_flight(s)) {
         return Err(MigrateError::SourceBusy {
             socket: src_label,
@@ -177,7 +187,9 @@ pub async fn migrate(
     // The destination: an existing QEMU in incoming state, or one we start from the source's command line.
     let (dst, mut dst_process) = match &req.destination {
         Destination::Qmp(spec) => (
-            Qmp::connect(spec, &req.connect).await.map_err(MigrateError::Destination)?,
+            Qmp::connect(spec, &req.connect)
+                .await
+                .map_err(MigrateError::Destination)?,
             None,
         ),
         Destination::Launch { qmp_path } => {
@@ -186,7 +198,10 @@ pub async fn migrate(
         }
     };
     let dst_label = dst.label().to_string();
-    let dst_status = dst.execute(&QueryStatus {}).await.map_err(MigrateError::Destination)?;
+    let dst_status = dst
+        .execute(&QueryStatus {})
+        .await
+        .map_err(MigrateError::Destination)?;
     if dst_status.status != "inmigrate" {
         return Err(MigrateError::DestinationNotIncoming {
             socket: dst_label,
@@ -194,8 +209,12 @@ pub async fn migrate(
         });
     }
 
-    let src_features = PeerFeatures::detect(&src).await.map_err(MigrateError::Source)?;
-    let dst_features = PeerFeatures::detect(&dst).await.map_err(MigrateError::Destination)?;
+    let src_features = PeerFeatures::detect(&src)
+        .await
+        .map_err(MigrateError::Source)?;
+    let dst_features = PeerFeatures::detect(&dst)
+        .await
+        .map_err(MigrateError::Destination)?;
     let settings = &req.ladder;
     if settings.postcopy != Postcopy::Never {
         for (f, label) in [(&src_features, &src_label), (&dst_features, &dst_label)] {
@@ -207,7 +226,8 @@ pub async fn migrate(
             }
         }
     }
-    if settings.auto_converge != AutoConverge::Off && !src_features.has_capability("auto-converge") {
+    if settings.auto_converge != AutoConverge::Off && !src_features.has_capability("auto-converge")
+    {
         return Err(MigrateError::Unsupported {
             socket: src_label,
             what: "auto-converge (use --auto-converge off)".into(),
@@ -244,10 +264,12 @@ pub async fn migrate(
         let socket = socket.to_string();
         move |source| MigrateError::Setup { socket, source }
     };
-    set_up(&src, &src_features, &dst, req).await.map_err(|(side, e)| match side {
-        Side::Source => setup(&src_label)(e),
-        Side::Destination => setup(&dst_label)(e),
-    })?;
+    set_up(&src, &src_features, &dst, req)
+        .await
+        .map_err(|(side, e)| match side {
+            Side::Source => setup(&src_label)(e),
+            Side::Destination => setup(&dst_label)(e),
+        })?;
 
     let uri = req.uri.clone().unwrap_or_else(default_uri);
     if cancel.is_cancelled() {
@@ -281,14 +303,11 @@ pub async fn migrate(
     info!(vm = %src_label, destination = %dst_label, %uri, "migration started");
 
     let mut ladder = Ladder::new(settings.clone());
-    let mut escalations: Vec<Escalation> = Vec::new();
+    let mut ctl = Controls::default();
     let mut last = MigrationInfo::default();
     let mut max_throttle = 0u64;
-    let mut postcopy = false;
-    let mut paused_at: Option<Instant> = None;
     let mut interrupted = false;
     let mut failure: Option<String> = None;
-    let mut cancel_reason: Option<String> = None;
     let mut dst_gone = false;
     let mut events_open = true;
     let mut query_errors = 0u32;
@@ -310,25 +329,21 @@ pub async fn migrate(
             }
             _ = dst.closed(), if !dst_gone => {
                 dst_gone = true;
-                let why = format!("destination {dst_label} went away mid-migration");
-                warn!(vm = %src_label, "{why}");
-                failure.get_or_insert(why.clone());
-                if !postcopy {
-                    forced = Some((Action::Cancel, why));
+                // After a cancel the destination ends itself: that is the cancel taking effect, not a failure.
+                if ctl.cancel_reason.is_none() {
+                    let why = format!("destination {dst_label} went away mid-migration");
+                    warn!(vm = %src_label, "{why}");
+                    failure.get_or_insert(why.clone());
+                    if !ctl.postcopy {
+                        forced = Some((Action::Cancel, why));
+                    }
                 }
             }
         }
         if let Some((action, reason)) = forced {
-            apply(&src, &action, &mut paused_at).await;
-            if action == Action::Cancel {
-                cancel_reason.get_or_insert(reason.clone());
-            }
-            escalations.push(Escalation {
-                at_ms: started.elapsed().as_millis() as u64,
-                pass: last.ram.as_ref().map_or(0, |r| r.dirty_sync_count),
-                action,
-                reason,
-            });
+            let pass = last.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
+            ctl.take(&src, action, reason, started.elapsed(), pass)
+                .await;
         }
         let info = match src.execute_timeout(&QueryMigrate {}, QUERY_TIMEOUT).await {
             Ok(i) => {
@@ -371,7 +386,12 @@ pub async fn migrate(
             throttle_pct: info.cpu_throttle_percentage.unwrap_or(0),
             downtime_limit: ladder.downtime(),
         });
+        // A cancelled or failed migration reports no RAM figures: keep the last ones seen.
+        let ram_before = last.ram.take();
         last = info;
+        if last.ram.is_none() {
+            last.ram = ram_before;
+        }
         match status.as_str() {
             "completed" => {
                 // QEMU flips the status before it fills in total-time and downtime: read again until it has.
@@ -381,19 +401,30 @@ pub async fn migrate(
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     match src.execute_timeout(&QueryMigrate {}, QUERY_TIMEOUT).await {
-                        Ok(i) => last = i,
+                        Ok(i) if i.ram.is_some() => last = i,
+                        Ok(i) => {
+                            last.total_time = i.total_time;
+                            last.downtime = i.downtime;
+                        }
                         Err(_) => break,
                     }
                 }
                 break Outcome::Completed;
             }
             "failed" => {
-                let desc = last.error_desc.clone().unwrap_or_else(|| "no reason given".into());
+                let desc = last
+                    .error_desc
+                    .clone()
+                    .unwrap_or_else(|| "no reason given".into());
                 failure.get_or_insert(format!("QEMU reports the migration failed: {desc}"));
                 break Outcome::Failed;
             }
             "cancelled" => {
-                break if failure.is_some() { Outcome::Failed } else { Outcome::Cancelled };
+                break if failure.is_some() {
+                    Outcome::Failed
+                } else {
+                    Outcome::Cancelled
+                };
             }
             "postcopy-paused" | "postcopy-recover" | "postcopy-recover-setup" => {
                 failure.get_or_insert(format!(
@@ -401,48 +432,56 @@ pub async fn migrate(
                 ));
                 break Outcome::Failed;
             }
-            "postcopy-active" => postcopy = true,
-            "active" | "setup" | "pre-switchover" | "device" | "wait-unplug" => {
-                if paused_at.is_none() && !interrupted && !dst_gone {
-                    if let Some(step) = ladder.step(&obs) {
-                        info!(vm = %src_label, pass = obs.pass, action = ?step.action, "escalation: {}", step.reason);
-                        apply(&src, &step.action, &mut paused_at).await;
-                        if step.action == Action::StartPostcopy {
-                            postcopy = true;
-                        }
-                        if step.action == Action::Cancel {
-                            cancel_reason.get_or_insert(step.reason.clone());
-                        }
-                        escalations.push(Escalation {
-                            at_ms: obs.elapsed.as_millis() as u64,
-                            pass: obs.pass,
-                            action: step.action,
-                            reason: step.reason,
-                        });
-                    }
+            "postcopy-active" => ctl.postcopy = true,
+            "active" | "setup" | "pre-switchover" | "device" | "wait-unplug"
+                if ctl.paused_at.is_none() && !interrupted && !dst_gone =>
+            {
+                if let Some(step) = ladder.step(&obs) {
+                    ctl.take(&src, step.action, step.reason, obs.elapsed, obs.pass)
+                        .await;
                 }
             }
             _ => {}
         }
     };
     let wall_ms = started.elapsed().as_millis() as u64;
+    if outcome == Outcome::Failed {
+        // A destination that died breaks the stream before its QMP socket reports EOF: give it a moment.
+        let _ = tokio::time::timeout(Duration::from_millis(500), dst.closed()).await;
+    }
+    if outcome == Outcome::Failed && ctl.cancel_reason.is_none() && dst.is_closed() {
+        if let Some(f) = failure.as_mut().filter(|f| !f.contains(&dst_label)) {
+            *f = format!("destination {dst_label} went away mid-migration ({f})");
+        }
+    }
 
     // The verdict: where does the guest run now?
     let completed = outcome == Outcome::Completed;
     let mut paused_ms = None;
     if completed {
-        let d = dst.execute_timeout(&QueryStatus {}, QUERY_TIMEOUT).await.ok();
-        if d.as_ref().is_some_and(|s| s.status == "paused" || s.status == "postmigrate") {
+        let d = dst
+            .execute_timeout(&QueryStatus {}, QUERY_TIMEOUT)
+            .await
+            .ok();
+        if d.as_ref()
+            .is_some_and(|s| s.status == "paused" || s.status == "postmigrate")
+        {
             // Stopped offline (or started with -S): the guest was running before, so it runs on after.
             if let Err(e) = dst.execute(&qmp::cont {}).await {
                 warn!(destination = %dst_label, "cont: {e}");
             }
         }
-        paused_ms = paused_at.map(|t| t.elapsed().as_millis() as u64);
+        paused_ms = ctl.paused_at.map(|t| t.elapsed().as_millis() as u64);
     } else {
         // The source must run on: resume it if we stopped it, end the destination if we started it.
-        let s = src.execute_timeout(&QueryStatus {}, QUERY_TIMEOUT).await.ok();
-        if s.as_ref().is_some_and(|s| s.status == "paused" || s.status == "postmigrate") && !postcopy {
+        let s = src
+            .execute_timeout(&QueryStatus {}, QUERY_TIMEOUT)
+            .await
+            .ok();
+        if s.as_ref()
+            .is_some_and(|s| s.status == "paused" || s.status == "postmigrate")
+            && !ctl.postcopy
+        {
             if let Err(e) = src.execute(&qmp::cont {}).await {
                 warn!(vm = %src_label, "cont after {:?}: {e}", outcome);
             }
@@ -464,12 +503,16 @@ pub async fn migrate(
     }
 
     let ram = last.ram.clone().unwrap_or_default();
-    let total_time_ms = if completed { last.total_time.unwrap_or(wall_ms) } else { wall_ms };
+    let total_time_ms = if completed {
+        last.total_time.unwrap_or(wall_ms)
+    } else {
+        wall_ms
+    };
     let downtime_ms = if completed { last.downtime } else { None };
     let reason = match outcome {
         Outcome::Completed => None,
-        Outcome::Cancelled => cancel_reason.or(failure),
-        Outcome::Failed => failure.or(cancel_reason),
+        Outcome::Cancelled => ctl.cancel_reason.or(failure),
+        Outcome::Failed => failure.or(ctl.cancel_reason),
     };
     let report = MigrationReport {
         vm: src_label.clone(),
@@ -487,11 +530,11 @@ pub async fn migrate(
         ram_bytes,
         passes: ram.dirty_sync_count,
         max_throttle_pct: max_throttle,
-        postcopy,
+        postcopy: ctl.postcopy,
         postcopy_requests: ram.postcopy_requests,
-        paused_offline: paused_at.is_some(),
+        paused_offline: ctl.paused_at.is_some(),
         paused_ms,
-        escalations,
+        escalations: ctl.escalations,
         dirty_rate_before,
         predicted,
         settings: ReportSettings {
@@ -525,7 +568,11 @@ fn default_uri() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("unix:{}", dir.join(format!("qmigrate-{}-{nanos}.migrate", std::process::id())).display())
+    format!(
+        "unix:{}",
+        dir.join(format!("qmigrate-{}-{nanos}.migrate", std::process::id()))
+            .display()
+    )
 }
 
 async fn launch_destination(
@@ -533,22 +580,30 @@ async fn launch_destination(
     qmp_path: Option<PathBuf>,
     opts: &ConnectOptions,
 ) -> Result<(Qmp, QemuProcess), MigrateError> {
-    let src_socket = src.label().strip_prefix("unix:").unwrap_or(src.label()).to_string();
+    let src_socket = src
+        .label()
+        .strip_prefix("unix:")
+        .unwrap_or(src.label())
+        .to_string();
     let pid = src.peer_pid().ok_or_else(|| MigrateError::NoSourcePid {
         socket: src_socket.clone(),
     })?;
     let (program, args) = launch::process_command_line(pid).map_err(MigrateError::Launch)?;
     let dst_path = qmp_path.unwrap_or_else(|| PathBuf::from(format!("{src_socket}.incoming")));
     let _ = std::fs::remove_file(&dst_path);
-    let dst_args = launch::mirror_destination_args(&args, &src_socket, &dst_path.display().to_string());
+    let dst_args =
+        launch::mirror_destination_args(&args, &src_socket, &dst_path.display().to_string());
     let log = PathBuf::from(format!("{}.log", dst_path.display()));
     info!(source_pid = pid, qmp = %dst_path.display(), "launching the destination QEMU");
-    let mut process = QemuProcess::spawn(&program, &dst_args, &dst_path, &log).map_err(MigrateError::Launch)?;
+    let mut process =
+        QemuProcess::spawn(&program, &dst_args, &dst_path, &log).map_err(MigrateError::Launch)?;
     process
         .wait_for_socket(Duration::from_secs(10))
         .await
         .map_err(MigrateError::Launch)?;
-    let qmp = Qmp::connect_unix(&dst_path, opts).await.map_err(MigrateError::Destination)?;
+    let qmp = Qmp::connect_unix(&dst_path, opts)
+        .await
+        .map_err(MigrateError::Destination)?;
     Ok((qmp, process))
 }
 
@@ -592,7 +647,12 @@ enum Side {
 
 /// Capabilities and parameters on both ends. Every capability the run depends on is set explicitly, so a
 /// previous attempt's settings never leak into this one.
-async fn set_up(src: &Qmp, f: &PeerFeatures, dst: &Qmp, req: &MigrationRequest) -> Result<(), (Side, QmpError)> {
+async fn set_up(
+    src: &Qmp,
+    f: &PeerFeatures,
+    dst: &Qmp,
+    req: &MigrationRequest,
+) -> Result<(), (Side, QmpError)> {
     let s = &req.ladder;
     let postcopy = s.postcopy != Postcopy::Never;
     let mut caps = vec![
@@ -611,7 +671,9 @@ async fn set_up(src: &Qmp, f: &PeerFeatures, dst: &Qmp, req: &MigrationRequest) 
             })
             .collect(),
     };
-    src.execute(&cap_list(&caps)).await.map_err(|e| (Side::Source, e))?;
+    src.execute(&cap_list(&caps))
+        .await
+        .map_err(|e| (Side::Source, e))?;
     dst.execute(&cap_list(&[("postcopy-ram", postcopy)]))
         .await
         .map_err(|e| (Side::Destination, e))?;
@@ -644,6 +706,37 @@ async fn set_up(src: &Qmp, f: &PeerFeatures, dst: &Qmp, req: &MigrationRequest) 
         .await
         .map_err(|e| (Side::Source, e))?;
     Ok(())
+}
+
+/// The controls taken during one migration, and what they left behind.
+#[derive(Default)]
+struct Controls {
+    escalations: Vec<Escalation>,
+    cancel_reason: Option<String>,
+    postcopy: bool,
+    /// When the guest was stopped to finish offline.
+    paused_at: Option<Instant>,
+}
+
+impl Controls {
+    /// Carries out `action` on the source and records it with its reason.
+    async fn take(&mut self, src: &Qmp, action: Action, reason: String, at: Duration, pass: u64) {
+        info!(vm = %src.label(), pass, ?action, "escalation: {reason}");
+        apply(src, &action, &mut self.paused_at).await;
+        match action {
+            Action::StartPostcopy => self.postcopy = true,
+            Action::Cancel => {
+                self.cancel_reason.get_or_insert(reason.clone());
+            }
+            _ => {}
+        }
+        self.escalations.push(Escalation {
+            at_ms: at.as_millis() as u64,
+            pass,
+            action,
+            reason,
+        });
+    }
 }
 
 /// Carries out one ladder action on the source. Failures are logged: the next poll shows their effect.
@@ -707,7 +800,10 @@ async fn final_state(src: &Qmp, dst: &Qmp, completed: bool) -> FinalState {
         let _ = src.execute(&qmp::stop {}).await;
         source = state(src).await;
     }
-    let running_copies = [&source, &destination].iter().filter(|s| s.as_str() == "running").count() as u32;
+    let running_copies = [&source, &destination]
+        .iter()
+        .filter(|s| s.as_str() == "running")
+        .count() as u32;
     FinalState {
         source,
         destination,

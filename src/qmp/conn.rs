@@ -78,7 +78,9 @@ pub struct Qmp {
 
 impl std::fmt::Debug for Qmp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qmp").field("label", &self.shared.label).finish()
+        f.debug_struct("Qmp")
+            .field("label", &self.shared.label)
+            .finish()
     }
 }
 
@@ -91,18 +93,22 @@ impl Qmp {
         if !meta.file_type().is_socket() {
             return Err(QmpError::NotASocket { socket });
         }
-        let stream = tokio::time::timeout(opts.handshake_timeout, tokio::net::UnixStream::connect(path))
-            .await
-            .map_err(|_| QmpError::Timeout {
-                socket: socket.clone(),
-                command: "connect".into(),
-                after: opts.handshake_timeout,
-            })?
-            .map_err(|e| io_to_connect_error(&socket, e))?;
-        let peer_pid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-            .ok()
-            .map(|c| c.pid())
-            .filter(|p| *p > 0);
+        let stream = tokio::time::timeout(
+            opts.handshake_timeout,
+            tokio::net::UnixStream::connect(path),
+        )
+        .await
+        .map_err(|_| QmpError::Timeout {
+            socket: socket.clone(),
+            command: "connect".into(),
+            after: opts.handshake_timeout,
+        })?
+        .map_err(|e| io_to_connect_error(&socket, e))?;
+        let peer_pid =
+            nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+                .ok()
+                .map(|c| c.pid())
+                .filter(|p| *p > 0);
         let (r, w) = stream.into_split();
         Self::handshake(r, w, socket, peer_pid, opts).await
     }
@@ -110,20 +116,26 @@ impl Qmp {
     /// Connects to QMP over TCP (`HOST:PORT`).
     pub async fn connect_tcp(addr: &str, opts: &ConnectOptions) -> Result<Qmp, QmpError> {
         let socket = format!("tcp:{addr}");
-        let stream = tokio::time::timeout(opts.handshake_timeout, tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| QmpError::Timeout {
-                socket: socket.clone(),
-                command: "connect".into(),
-                after: opts.handshake_timeout,
-            })?
-            .map_err(|e| io_to_connect_error(&socket, e))?;
+        let stream =
+            tokio::time::timeout(opts.handshake_timeout, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| QmpError::Timeout {
+                    socket: socket.clone(),
+                    command: "connect".into(),
+                    after: opts.handshake_timeout,
+                })?
+                .map_err(|e| io_to_connect_error(&socket, e))?;
         let (r, w) = stream.into_split();
         Self::handshake(r, w, socket, None, opts).await
     }
 
     /// Speaks QMP over any byte stream, e.g. the stdio of an `ssh host socat - UNIX:/run/vm.qmp` child.
-    pub async fn connect_stream<R, W>(reader: R, writer: W, label: &str, opts: &ConnectOptions) -> Result<Qmp, QmpError>
+    pub async fn connect_stream<R, W>(
+        reader: R,
+        writer: W,
+        label: &str,
+        opts: &ConnectOptions,
+    ) -> Result<Qmp, QmpError>
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -162,19 +174,29 @@ impl Qmp {
                 Some(Err(e)) => return Err(not_qmp(codec_reason(&e))),
                 None => return Err(not_qmp("closed before sending a greeting".into())),
             };
-            let greeting = parse_greeting(&first).ok_or_else(|| not_qmp(format!("unexpected greeting {}", snippet(&first))))?;
+            let greeting = parse_greeting(&first)
+                .ok_or_else(|| not_qmp(format!("unexpected greeting {}", snippet(&first))))?;
             let line = json!({"execute": "qmp_capabilities", "id": 0}).to_string() + "\n";
             writer
                 .write_all(line.as_bytes())
                 .await
-                .map_err(|_| QmpError::Closed { socket: label.clone(), command: Some("qmp_capabilities".into()) })?;
+                .map_err(|_| QmpError::Closed {
+                    socket: label.clone(),
+                    command: Some("qmp_capabilities".into()),
+                })?;
             loop {
                 let l = match lines.next().await {
                     Some(Ok(l)) => l,
                     Some(Err(e)) => return Err(not_qmp(codec_reason(&e))),
-                    None => return Err(QmpError::Closed { socket: label.clone(), command: Some("qmp_capabilities".into()) }),
+                    None => {
+                        return Err(QmpError::Closed {
+                            socket: label.clone(),
+                            command: Some("qmp_capabilities".into()),
+                        })
+                    }
                 };
-                let v: Value = serde_json::from_str(&l).map_err(|_| not_qmp(format!("not JSON: {}", snippet(&l))))?;
+                let v: Value = serde_json::from_str(&l)
+                    .map_err(|_| not_qmp(format!("not JSON: {}", snippet(&l))))?;
                 if v.get("event").is_some() {
                     continue;
                 }
@@ -196,7 +218,10 @@ impl Qmp {
             .await
             .map_err(|_| QmpError::NotQmp {
                 socket: label.clone(),
-                reason: format!("no QMP greeting within {}", humantime::format_duration(opts.handshake_timeout)),
+                reason: format!(
+                    "no QMP greeting within {} (QEMU serves one client per QMP socket: is another one connected?)",
+                    humantime::format_duration(opts.handshake_timeout)
+                ),
             })??;
 
         let (req_tx, req_rx) = mpsc::channel(64);
@@ -250,7 +275,11 @@ impl Qmp {
     }
 
     /// Runs a typed command; a timeout costs only this command (a late reply is dropped by id).
-    pub async fn execute_timeout<C: qapi::Command>(&self, cmd: &C, timeout: Duration) -> Result<C::Ok, QmpError> {
+    pub async fn execute_timeout<C: qapi::Command>(
+        &self,
+        cmd: &C,
+        timeout: Duration,
+    ) -> Result<C::Ok, QmpError> {
         let args = serde_json::to_value(cmd).map_err(|source| QmpError::Decode {
             socket: self.shared.label.clone(),
             command: C::NAME.into(),
@@ -266,7 +295,12 @@ impl Qmp {
     }
 
     /// Runs a command given by name with raw JSON arguments.
-    pub async fn execute_raw(&self, name: &str, args: Option<Value>, timeout: Duration) -> Result<Value, QmpError> {
+    pub async fn execute_raw(
+        &self,
+        name: &str,
+        args: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({"execute": name, "id": id});
         if let Some(a) = args {
@@ -292,7 +326,9 @@ impl Qmp {
             self.shared.requests.send(req).await.map_err(|_| closed())?;
             rx.await.map_err(|_| closed())?
         };
-        let reply = tokio::time::timeout(timeout, exchange).await.map_err(|_| timed_out())??;
+        let reply = tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| timed_out())??;
         tracing::trace!(socket = %label, command = name, "reply");
         Ok(reply)
     }
@@ -317,7 +353,8 @@ async fn run_connection<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut pending: HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)> = HashMap::new();
+    let mut pending: HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)> =
+        HashMap::new();
     let end_reason: Option<String> = loop {
         tokio::select! {
             req = requests.recv() => {
@@ -409,17 +446,27 @@ fn parse_greeting(line: &str) -> Option<Greeting> {
     let n = |k: &str| q[k].as_u64().unwrap_or(0) as u32;
     Some(Greeting {
         version: (n("major"), n("minor"), n("micro")),
-        package: qmp["version"]["package"].as_str().unwrap_or_default().trim().to_string(),
+        package: qmp["version"]["package"]
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
         capabilities: qmp["capabilities"]
             .as_array()
-            .map(|a| a.iter().filter_map(|c| c.as_str().map(String::from)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default(),
     })
 }
 
 fn codec_reason(e: &LinesCodecError) -> String {
     match e {
-        LinesCodecError::MaxLineLengthExceeded => format!("a line longer than {MAX_LINE_BYTES} bytes"),
+        LinesCodecError::MaxLineLengthExceeded => {
+            format!("a line longer than {MAX_LINE_BYTES} bytes")
+        }
         LinesCodecError::Io(e) => e.to_string(),
     }
 }

@@ -70,7 +70,11 @@ pub struct RamStats {
 /// `query-migrate-capabilities` with capability names as strings (7.2 has `compress` and `block`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct QueryMigrateCapabilities {}
-command!(QueryMigrateCapabilities, "query-migrate-capabilities", Vec<CapabilityState>);
+command!(
+    QueryMigrateCapabilities,
+    "query-migrate-capabilities",
+    Vec<CapabilityState>
+);
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 pub struct CapabilityState {
@@ -83,7 +87,11 @@ pub struct CapabilityState {
 pub struct MigrateSetCapabilities {
     pub capabilities: Vec<CapabilityState>,
 }
-command!(MigrateSetCapabilities, "migrate-set-capabilities", qapi::Empty);
+command!(
+    MigrateSetCapabilities,
+    "migrate-set-capabilities",
+    qapi::Empty
+);
 
 /// `query-migrate-parameters` as a raw map: the set of parameters differs between versions.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -147,8 +155,10 @@ mod tests {
                 .unwrap();
         assert_eq!(d.dirty_rate, Some(74));
         // An unknown future migration status and missing ram fields.
-        let m: MigrationInfo =
-            serde_json::from_str(r#"{"status": "some-new-state", "ram": {"transferred": 5, "future-field": 1}}"#).unwrap();
+        let m: MigrationInfo = serde_json::from_str(
+            r#"{"status": "some-new-state", "ram": {"transferred": 5, "future-field": 1}}"#,
+        )
+        .unwrap();
         assert_eq!(m.status.as_deref(), Some("some-new-state"));
         assert_eq!(m.ram.unwrap().transferred, 5);
     }

@@ -13,9 +13,17 @@ const LIMIT: Duration = Duration::from_secs(60);
 async fn missing_socket() {
     let bed = Bed::new();
     let missing = bed.path("nothing-here.qmp");
-    let run = qmigrate(&["migrate", "--from", s(&missing), "--to", s(&missing)], LIMIT).await;
+    let run = qmigrate(
+        &["migrate", "--from", s(&missing), "--to", s(&missing)],
+        LIMIT,
+    )
+    .await;
     assert_eq!(run.code, 3, "{run:?}");
-    assert!(run.stderr.contains(&format!("{}: no such file", missing.display())), "{run:?}");
+    assert!(
+        run.stderr
+            .contains(&format!("{}: no such file", missing.display())),
+        "{run:?}"
+    );
 }
 
 #[tokio::test]
@@ -25,7 +33,11 @@ async fn path_that_is_not_a_socket() {
     std::fs::write(&file, "not a socket").unwrap();
     let run = qmigrate(&["migrate", "--from", s(&file), "--launch-dst"], LIMIT).await;
     assert_eq!(run.code, 3, "{run:?}");
-    assert!(run.stderr.contains(&format!("{}: not a socket", file.display())), "{run:?}");
+    assert!(
+        run.stderr
+            .contains(&format!("{}: not a socket", file.display())),
+        "{run:?}"
+    );
 }
 
 #[tokio::test]
@@ -56,14 +68,22 @@ async fn permission_denied() {
     std::fs::set_permissions(bed.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
     std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o600)).unwrap();
     let out = tokio::process::Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_qmigrate")])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_qmigrate"),
+        ])
         .args(["migrate", "--from", s(&src), "--launch-dst"])
         .output()
         .await
         .expect("setpriv (util-linux)");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
-    assert!(stderr.contains(&format!("{}: permission denied", src.display())), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}: permission denied", src.display())),
+        "{stderr}"
+    );
     assert_eq!(run_state(&src).await, "running");
 }
 
@@ -74,7 +94,11 @@ async fn destination_not_waiting_for_a_migration() {
     let other = bed.source("other", "idle").await;
     let run = qmigrate(&["migrate", "--from", s(&src), "--to", s(&other)], LIMIT).await;
     assert_eq!(run.code, 4, "{run:?}");
-    assert!(run.stderr.contains("is not waiting for a migration (state: running)"), "{run:?}");
+    assert!(
+        run.stderr
+            .contains("is not waiting for a migration (state: running)"),
+        "{run:?}"
+    );
     assert!(run.stderr.contains(s(&other)), "{run:?}");
     assert_eq!(run_state(&src).await, "running");
     assert_eq!(run_state(&other).await, "running");
@@ -88,7 +112,13 @@ async fn source_not_running() {
     qmp(&src).await.execute(&qapi::qmp::stop {}).await.unwrap();
     let run = qmigrate(&["migrate", "--from", s(&src), "--to", s(&dst)], LIMIT).await;
     assert_eq!(run.code, 4, "{run:?}");
-    assert!(run.stderr.contains(&format!("source {} is not running (state: paused)", src.display())), "{run:?}");
+    assert!(
+        run.stderr.contains(&format!(
+            "source {} is not running (state: paused)",
+            src.display()
+        )),
+        "{run:?}"
+    );
     assert_eq!(run_state(&src).await, "paused", "left as the user had it");
     assert_eq!(run_state(&dst).await, "inmigrate");
 }
@@ -99,12 +129,26 @@ async fn qmp_error_reply_names_the_command_and_loses_nothing() {
     let src = bed.source("src", "idle").await;
     let dst = bed.destination("dst").await;
     let run = qmigrate(
-        &["migrate", "--from", s(&src), "--to", s(&dst), "--uri", "bogus:nowhere", "--dirty-rate-sample", "0"],
+        &[
+            "migrate",
+            "--from",
+            s(&src),
+            "--to",
+            s(&dst),
+            "--uri",
+            "bogus:nowhere",
+            "--dirty-rate-sample",
+            "0",
+        ],
         LIMIT,
     )
     .await;
     assert_eq!(run.code, 4, "{run:?}");
-    assert!(run.stderr.contains(&format!("cannot set the migration up on {}", dst.display())), "{run:?}");
+    assert!(
+        run.stderr
+            .contains(&format!("cannot set the migration up on {}", dst.display())),
+        "{run:?}"
+    );
     assert!(run.stderr.contains("`migrate-incoming` failed"), "{run:?}");
     assert_eq!(run_state(&src).await, "running");
 }
@@ -113,12 +157,24 @@ async fn qmp_error_reply_names_the_command_and_loses_nothing() {
 async fn invalid_arguments() {
     let cases: [(&[&str], &str); 4] = [
         (&["--bandwidth", "fast"], "--bandwidth \"fast\": not a rate"),
-        (&["--max-downtime", "100ms"], "--max-downtime \"100ms\": is below --downtime 300ms"),
+        (
+            &["--max-downtime", "100ms"],
+            "--max-downtime \"100ms\": is below --downtime 300ms",
+        ),
         (&["--timeout", "soon"], "--timeout \"soon\": not a duration"),
-        (&["--auto-converge", "maybe"], "invalid value 'maybe' for '--auto-converge"),
+        (
+            &["--auto-converge", "maybe"],
+            "invalid value 'maybe' for '--auto-converge",
+        ),
     ];
     for (extra, message) in cases {
-        let mut args = vec!["migrate", "--from", "/nonexistent/a.qmp", "--to", "/nonexistent/b.qmp"];
+        let mut args = vec![
+            "migrate",
+            "--from",
+            "/nonexistent/a.qmp",
+            "--to",
+            "/nonexistent/b.qmp",
+        ];
         args.extend_from_slice(extra);
         let run = qmigrate(&args, LIMIT).await;
         assert_eq!(run.code, 2, "{extra:?}: {run:?}");

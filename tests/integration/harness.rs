@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use qmigrate::qmp::types::{QueryMigrate, QueryStatus};
+use qmigrate::qmp::types::QueryStatus;
 use qmigrate::qmp::{ConnectOptions, Qmp};
 use qmigrate::testbed::{Guest, GuestSpec};
 use serde_json::Value;
@@ -39,7 +39,10 @@ pub struct Bed {
 impl Bed {
     pub fn new() -> Bed {
         Bed {
-            dir: tempfile::Builder::new().prefix("qm").tempdir_in("/tmp").expect("tempdir"),
+            dir: tempfile::Builder::new()
+                .prefix("qm")
+                .tempdir_in("/tmp")
+                .expect("tempdir"),
             guests: Vec::new(),
             pids: Vec::new(),
         }
@@ -55,9 +58,13 @@ impl Bed {
 
     /// Starts a guest running `workload` and waits until the workload is ready. Returns its QMP socket.
     pub async fn source(&mut self, name: &str, workload: &str) -> PathBuf {
-        let mut g = Guest::launch(self.spec(name, workload)).await.expect("start the source guest");
+        let mut g = Guest::launch(self.spec(name, workload))
+            .await
+            .expect("start the source guest");
         let _ = std::fs::write(pid_file(g.pid()), "");
-        g.wait_ready(Duration::from_secs(60)).await.expect("guest ready");
+        g.wait_ready(Duration::from_secs(60))
+            .await
+            .expect("guest ready");
         let qmp = g.qmp_path();
         self.guests.push(g);
         qmp
@@ -75,13 +82,20 @@ impl Bed {
     }
 
     pub fn pid_of(&self, qmp: &Path) -> i32 {
-        self.guests.iter().find(|g| g.qmp_path() == qmp).expect("a guest of this bed").pid()
+        self.guests
+            .iter()
+            .find(|g| g.qmp_path() == qmp)
+            .expect("a guest of this bed")
+            .pid()
     }
 
     /// Kills one guest's QEMU now (SIGKILL).
     pub fn kill(&mut self, qmp: &Path) {
         let pid = self.pid_of(qmp);
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 
     /// Makes sure a process started by qmigrate (a launched destination) ends with this test.
@@ -97,6 +111,10 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
+        if std::env::var_os("QMIGRATE_KEEP_TESTDIR").is_some() {
+            eprintln!("keeping {}", self.dir.path().display());
+            let _ = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir")).keep();
+        }
         for g in &self.guests {
             let _ = std::fs::remove_file(pid_file(g.pid()));
         }
@@ -108,30 +126,93 @@ pub struct PidGuard(pub i32);
 
 impl Drop for PidGuard {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         let _ = std::fs::remove_file(pid_file(self.0));
     }
 }
 
 pub async fn qmp(path: &Path) -> Qmp {
-    Qmp::connect_unix(path, &ConnectOptions::default()).await.expect("connect to QMP")
+    Qmp::connect_unix(path, &ConnectOptions::default())
+        .await
+        .expect("connect to QMP")
 }
 
 pub async fn run_state(path: &Path) -> String {
-    qmp(path).await.execute(&QueryStatus {}).await.expect("query-status").status
+    qmp(path)
+        .await
+        .execute(&QueryStatus {})
+        .await
+        .expect("query-status")
+        .status
 }
 
-/// Waits until the source's migration reaches `status`.
-pub async fn wait_migration_status(path: &Path, status: &str, timeout: Duration) {
-    let q = qmp(path).await;
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = q.execute(&QueryMigrate {}).await.expect("query-migrate").status.unwrap_or_default();
-        if s == status {
-            return;
+/// A qmigrate child whose stderr is read as it comes (QEMU serves one QMP client at a time, so a test cannot
+/// watch the source while qmigrate holds its socket; it watches qmigrate's log instead).
+pub struct Running {
+    pub child: tokio::process::Child,
+    stderr: tokio::task::JoinHandle<String>,
+}
+
+/// Starts `qmigrate -v ARGS…` and returns once its log contains `needle`.
+pub async fn spawn_until(args: &[&str], needle: &str, timeout: Duration) -> Running {
+    use tokio::io::AsyncBufReadExt;
+    let mut all = vec!["-v"];
+    all.extend_from_slice(args);
+    let mut child = qmigrate_cmd(&all).spawn().expect("run qmigrate");
+    let stderr = child.stderr.take().expect("stderr");
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
+    let wanted = needle.to_string();
+    let reader = tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        let mut text = String::new();
+        let mut seen = Some(seen_tx);
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(&wanted) {
+                if let Some(tx) = seen.take() {
+                    let _ = tx.send(());
+                }
+            }
+            text.push_str(&line);
+            text.push('\n');
         }
-        assert!(Instant::now() < deadline, "migration of {} never reached {status} (now {s})", path.display());
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        text
+    });
+    let found = tokio::time::timeout(timeout, seen_rx).await;
+    assert!(
+        matches!(found, Ok(Ok(()))),
+        "qmigrate never logged {needle:?} within {timeout:?}"
+    );
+    Running {
+        child,
+        stderr: reader,
+    }
+}
+
+impl Running {
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.id().expect("running") as i32;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal qmigrate");
+    }
+
+    pub async fn finish(mut self, limit: Duration) -> Run {
+        use tokio::io::AsyncReadExt;
+        let mut stdout = String::new();
+        let mut out = self.child.stdout.take().expect("stdout");
+        let status = tokio::time::timeout(limit, async {
+            let _ = out.read_to_string(&mut stdout).await;
+            self.child.wait().await
+        })
+        .await
+        .expect("qmigrate did not finish in time")
+        .expect("qmigrate status");
+        Run {
+            code: status.code().unwrap_or(-1),
+            stdout,
+            stderr: self.stderr.await.unwrap_or_default(),
+        }
     }
 }
 
@@ -144,14 +225,22 @@ pub struct Run {
 
 impl Run {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout, self.stderr
+            )
+        })
     }
 }
 
 impl std::fmt::Debug for Run {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "exit {}\nstdout:\n{}\nstderr:\n{}", self.code, self.stdout, self.stderr)
+        write!(
+            f,
+            "exit {}\nstdout:\n{}\nstderr:\n{}",
+            self.code, self.stdout, self.stderr
+        )
     }
 }
 
