@@ -191,6 +191,53 @@ async fn controller_escalates_along_the_ladder_until_a_stalled_migration_complet
     assert_eq!(run_state(&src).await, "postmigrate");
 }
 
+/// Paper 002's fallback for a dirty set precopy cannot converge: at the timeout, stop the guest and finish
+/// offline. The destination then runs the guest (resumed by qmigrate), the source is left in postmigrate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_timeout_pause_finishes_offline() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "dirty:64").await;
+    let dst = bed.destination("dst").await;
+    let run = qmigrate(
+        &[
+            "migrate",
+            "--from",
+            s(&src),
+            "--to",
+            s(&dst),
+            "--json",
+            "--postcopy",
+            "never",
+            "--auto-converge",
+            "off",
+            "--bandwidth",
+            "32MiB/s",
+            "--max-downtime",
+            "300ms",
+            "--timeout",
+            "10s",
+            "--on-timeout",
+            "pause",
+        ],
+        Duration::from_secs(90),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "completed");
+    assert_eq!(r["paused_offline"], true);
+    assert!(r["paused_ms"].as_u64().unwrap() > 0, "{}", r["paused_ms"]);
+    let esc = r["escalations"].as_array().unwrap();
+    assert_eq!(
+        esc.last().unwrap()["action"]["kind"],
+        "pause-source",
+        "{esc:?}"
+    );
+    assert_eq!(r["final_state"]["destination"], "running");
+    assert_eq!(run_state(&dst).await, "running");
+    assert_eq!(run_state(&src).await, "postmigrate");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_cancels_and_the_source_keeps_running() {
     let mut bed = Bed::new();

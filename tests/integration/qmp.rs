@@ -208,3 +208,56 @@ async fn silent_peer_is_not_qmp() {
         "{err}"
     );
 }
+
+/// QMP over TCP and over a child process's stdio (as through `ssh host socat - UNIX-CONNECT:…`), both against the
+/// same real QEMU's extra monitors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_and_byte_stream_transports() {
+    let bed = Bed::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let stdio_sock = bed.path("stdio.qmp");
+    let mut spec = qmigrate::testbed::GuestSpec::new(
+        "vm",
+        "idle",
+        &crate::harness::guest_dir(),
+        bed.dir.path(),
+    );
+    spec.extra_args = vec![
+        "-qmp".into(),
+        format!("tcp:127.0.0.1:{port},server=on,wait=off"),
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", stdio_sock.display()),
+    ];
+    let _guest = qmigrate::testbed::Guest::launch(spec).await.unwrap();
+
+    let tcp = Qmp::connect(&format!("tcp:127.0.0.1:{port}"), &ConnectOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(tcp.label(), format!("tcp:127.0.0.1:{port}"));
+    assert_eq!(
+        tcp.execute(&QueryStatus {}).await.unwrap().status,
+        "running"
+    );
+
+    let mut child = tokio::process::Command::new("socat")
+        .args(["-", &format!("UNIX-CONNECT:{}", stdio_sock.display())])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("socat");
+    let (r, w) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
+    let piped = Qmp::connect_stream(r, w, "socat-child", &ConnectOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(piped.greeting().version.0, tcp.greeting().version.0);
+    assert_eq!(
+        piped.execute(&QueryStatus {}).await.unwrap().status,
+        "running"
+    );
+    let _ = child.kill().await;
+}
