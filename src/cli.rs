@@ -55,6 +55,9 @@ pub struct TuningArgs {
     /// How long to sample the dirty rate before starting (0 to skip).
     #[arg(long, default_value = "1s")]
     pub dirty_rate_sample: String,
+    /// After completion, watch the destination this long for the guest dying (then the source is resumed).
+    #[arg(long, default_value = "2s")]
+    pub verify: String,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,

@@ -98,6 +98,7 @@ fn apply_tuning(req: &mut MigrationRequest, t: &cli::TuningArgs) -> anyhow::Resu
     req.bandwidth_bytes_per_s = config::rate_bytes_per_s("bandwidth", &t.bandwidth)?;
     let sample = config::duration("dirty-rate-sample", &t.dirty_rate_sample)?;
     req.dirty_rate_sample = (!sample.is_zero()).then_some(sample);
+    req.verify_window = config::duration("verify", &t.verify)?;
     Ok(())
 }
 

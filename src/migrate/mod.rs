@@ -48,6 +48,9 @@ pub struct MigrationRequest {
     /// How long `calc-dirty-rate` samples before the start; `None` skips the measurement.
     pub dirty_rate_sample: Option<Duration>,
     pub poll_interval: Duration,
+    /// After completion, how long to watch the destination for the guest dying (panic, reset, shutdown, QEMU
+    /// exit) before calling the migration done; if it dies, the source is resumed.
+    pub verify_window: Duration,
     pub connect: ConnectOptions,
 }
 
@@ -69,6 +72,7 @@ impl MigrationRequest {
             },
             dirty_rate_sample: Some(Duration::from_secs(1)),
             poll_interval: Duration::from_millis(250),
+            verify_window: Duration::from_secs(2),
             connect: ConnectOptions::default(),
         }
     }
@@ -291,6 +295,7 @@ pub async fn migrate(
         Err(e) => return Err(setup(&dst_label)(e)),
     }
     let mut events = src.events();
+    let mut dst_events = dst.events();
     src.execute(&qmp::migrate {
         uri: Some(uri.clone()),
         channels: None,
@@ -314,7 +319,7 @@ pub async fn migrate(
     let mut ticker = tokio::time::interval(req.poll_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let outcome = loop {
+    let mut outcome = loop {
         let mut forced: Option<(Action, String)> = None;
         tokio::select! {
             _ = ticker.tick() => {}
@@ -472,6 +477,24 @@ pub async fn migrate(
             }
         }
         paused_ms = ctl.paused_at.map(|t| t.elapsed().as_millis() as u64);
+        info!(vm = %src_label, destination = %dst_label, "switched over; watching the destination for {}", humantime::format_duration(req.verify_window));
+        if let Some(death) = watch_destination(&dst, &mut dst_events, req.verify_window).await {
+            // The guest died on the destination right after switching over. The source still holds a consistent
+            // image of the switch-over moment: resuming it keeps the guest running, exactly once.
+            let why = format!(
+                "the guest died on destination {dst_label} within {} of switching over ({death}); resumed on the source",
+                humantime::format_duration(req.verify_window)
+            );
+            warn!(vm = %src_label, "{why}");
+            failure = Some(why);
+            outcome = Outcome::Failed;
+            if let Err(e) = src.execute(&qmp::cont {}).await {
+                warn!(vm = %src_label, "cont after the destination died: {e}");
+            }
+            if let Some(p) = dst_process.as_mut() {
+                p.kill();
+            }
+        }
     } else {
         // The source must run on: resume it if we stopped it, end the destination if we started it.
         let s = src
@@ -490,6 +513,7 @@ pub async fn migrate(
             p.kill();
         }
     }
+    let completed = outcome == Outcome::Completed;
     let final_state = final_state(&src, &dst, completed).await;
     if completed {
         if let Some(p) = dst_process.take() {
@@ -774,6 +798,29 @@ async fn apply(src: &Qmp, action: &Action, paused_at: &mut Option<Instant>) {
     };
     if let Err(e) = r {
         warn!(vm = %src.label(), ?action, "escalation step failed: {e}");
+    }
+}
+
+/// Watches a destination that has just taken over the guest for `window`: its QMP connection closing, or an event
+/// saying the guest panicked, reset or shut down. Returns what happened, or `None` if it survived.
+async fn watch_destination(
+    dst: &Qmp,
+    events: &mut tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>,
+    window: Duration,
+) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + window;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return None,
+            _ = dst.closed() => return Some("its QEMU exited".into()),
+            ev = events.recv() => match ev {
+                Ok(ev) if matches!(ev.name.as_str(), "GUEST_PANICKED" | "GUEST_CRASHLOADED" | "SHUTDOWN" | "RESET") => {
+                    return Some(format!("{} {}", ev.name, ev.data));
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(_) => return Some("its QMP connection ended".into()),
+            },
+        }
     }
 }
 

@@ -131,9 +131,9 @@ async fn dirty_guest_with_default_settings_completes() {
     assert_eq!(run_state(&src).await, "postmigrate");
 }
 
-/// The controller at work: the same guest over the same slow link that could not converge above, now with
-/// the whole ladder allowed. Raising the downtime to its ceiling and throttling the vCPUs to 99 % cannot
-/// converge 64 MiB of random writes at 32 MiB/s (measured here), so it ends in postcopy, and completes.
+/// The controller at work: the same guest over the same slow link that could not converge above, with the
+/// whole ladder allowed. Raising the downtime to its ceiling and throttling the vCPU to 99 % do not converge 64 MiB
+/// of random writes at 32 MiB/s (measured here), so the ladder ends in postcopy, and the migration completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_escalates_along_the_ladder_until_a_stalled_migration_completes() {
     let mut bed = Bed::new();
@@ -176,6 +176,7 @@ async fn controller_escalates_along_the_ladder_until_a_stalled_migration_complet
     for e in r["escalations"].as_array().unwrap() {
         assert!(e["reason"].as_str().unwrap().contains("remaining"), "{e}");
     }
+    assert_eq!(r["escalations"][0]["action"]["to_ms"], 600);
     assert!(
         r["max_throttle_pct"].as_u64().unwrap() > 1,
         "{}",
@@ -187,12 +188,52 @@ async fn controller_escalates_along_the_ladder_until_a_stalled_migration_complet
         "{}",
         r["postcopy_requests"]
     );
+    // The guest survived the switch-over (qmigrate watched it for --verify) and still runs there.
+    assert_eq!(r["final_state"]["running_copies"], 1);
     assert_eq!(run_state(&dst).await, "running");
     assert_eq!(run_state(&src).await, "postmigrate");
 }
 
-/// Paper 002's fallback for a dirty set precopy cannot converge: at the timeout, stop the guest and finish
-/// offline. The destination then runs the guest (resumed by qmigrate), the source is left in postmigrate.
+/// A guest that dies on the destination right after switching over is not lost: the source still holds the
+/// switch-over image and qmigrate resumes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_dying_on_the_destination_after_switchover_is_resumed_on_the_source() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    let dst = bed.destination("dst").await;
+    let running = spawn_until(
+        &[
+            "migrate",
+            "--from",
+            s(&src),
+            "--to",
+            s(&dst),
+            "--json",
+            "--verify",
+            "20s",
+        ],
+        "switched over; watching the destination",
+        Duration::from_secs(60),
+    )
+    .await;
+    bed.kill(&dst);
+    let run = running.finish(Duration::from_secs(30)).await;
+    assert_eq!(run.code, 6, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "failed");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("resumed on the source"),
+        "{}",
+        r["reason"]
+    );
+    assert_eq!(r["final_state"]["source"], "running");
+    assert_eq!(r["final_state"]["running_copies"], 1);
+    assert_eq!(run_state(&src).await, "running");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_timeout_pause_finishes_offline() {
     let mut bed = Bed::new();
