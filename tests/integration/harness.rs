@@ -157,10 +157,10 @@ pub struct Running {
 }
 
 /// Starts `qmigrate -v ARGS…` and returns once its log contains `needle`.
-pub async fn spawn_until(args: &[&str], needle: &str, timeout: Duration) -> Running {
+pub async fn spawn_until<S: AsRef<str>>(args: &[S], needle: &str, timeout: Duration) -> Running {
     use tokio::io::AsyncBufReadExt;
     let mut all = vec!["-v"];
-    all.extend_from_slice(args);
+    all.extend(args.iter().map(AsRef::as_ref));
     let mut child = qmigrate_cmd(&all).spawn().expect("run qmigrate");
     let stderr = child.stderr.take().expect("stderr");
     let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
@@ -244,9 +244,9 @@ impl std::fmt::Debug for Run {
     }
 }
 
-pub fn qmigrate_cmd(args: &[&str]) -> tokio::process::Command {
+pub fn qmigrate_cmd<S: AsRef<str>>(args: &[S]) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_qmigrate"));
-    c.args(args)
+    c.args(args.iter().map(AsRef::as_ref))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -255,7 +255,7 @@ pub fn qmigrate_cmd(args: &[&str]) -> tokio::process::Command {
 }
 
 /// Runs qmigrate to the end, bounded by `limit`.
-pub async fn qmigrate(args: &[&str], limit: Duration) -> Run {
+pub async fn qmigrate<S: AsRef<str>>(args: &[S], limit: Duration) -> Run {
     let child = qmigrate_cmd(args).spawn().expect("run qmigrate");
     finish(child, limit).await
 }
@@ -274,4 +274,14 @@ pub async fn finish(child: tokio::process::Child, limit: Duration) -> Run {
 
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
+}
+
+/// `migrate --from SRC --to DST --json` followed by `extra`, a space-separated list of flags.
+pub fn migrate_args(src: &Path, dst: &Path, extra: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["migrate", "--from", s(src), "--to", s(dst), "--json"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(extra.split_whitespace().map(String::from));
+    args
 }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use crate::harness::{qmigrate, run_state, s, spawn_until, Bed};
+use std::path::Path;
+
+use crate::harness::{migrate_args, qmigrate, run_state, s, spawn_until, Bed, Running};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -13,16 +15,7 @@ async fn idle_guest_migrates() {
     let src = bed.source("src", "idle").await;
     let dst = bed.destination("dst").await;
     let run = qmigrate(
-        &[
-            "migrate",
-            "--from",
-            s(&src),
-            "--to",
-            s(&dst),
-            "--timeout",
-            "60s",
-            "--json",
-        ],
+        &migrate_args(&src, &dst, "--timeout 60s"),
         Duration::from_secs(90),
     )
     .await;
@@ -59,24 +52,7 @@ async fn dirty_guest_that_cannot_converge_is_cancelled_at_the_timeout() {
     let src = bed.source("src", "dirty:64").await;
     let dst = bed.destination("dst").await;
     let run = qmigrate(
-        &[
-            "migrate",
-            "--from",
-            s(&src),
-            "--to",
-            s(&dst),
-            "--json",
-            "--postcopy",
-            "never",
-            "--auto-converge",
-            "off",
-            "--bandwidth",
-            "32MiB/s",
-            "--max-downtime",
-            "300ms",
-            "--timeout",
-            "15s",
-        ],
+        &migrate_args(&src, &dst, "--postcopy never --auto-converge off --bandwidth 32MiB/s --max-downtime 300ms --timeout 15s"),
         Duration::from_secs(60),
     )
     .await;
@@ -104,16 +80,7 @@ async fn dirty_guest_with_default_settings_completes() {
     let src = bed.source("src", "dirty:64").await;
     let dst = bed.destination("dst").await;
     let run = qmigrate(
-        &[
-            "migrate",
-            "--from",
-            s(&src),
-            "--to",
-            s(&dst),
-            "--json",
-            "--timeout",
-            "120s",
-        ],
+        &migrate_args(&src, &dst, "--timeout 120s"),
         Duration::from_secs(180),
     )
     .await;
@@ -140,22 +107,11 @@ async fn controller_escalates_along_the_ladder_until_a_stalled_migration_complet
     let src = bed.source("src", "dirty:64").await;
     let dst = bed.destination("dst").await;
     let run = qmigrate(
-        &[
-            "migrate",
-            "--from",
-            s(&src),
-            "--to",
-            s(&dst),
-            "--json",
-            "--bandwidth",
-            "32MiB/s",
-            "--max-downtime",
-            "600ms",
-            "--postcopy",
-            "fallback",
-            "--timeout",
-            "120s",
-        ],
+        &migrate_args(
+            &src,
+            &dst,
+            "--bandwidth 32MiB/s --max-downtime 600ms --postcopy fallback --timeout 120s",
+        ),
         Duration::from_secs(180),
     )
     .await;
@@ -202,16 +158,7 @@ async fn guest_dying_on_the_destination_after_switchover_is_resumed_on_the_sourc
     let src = bed.source("src", "idle").await;
     let dst = bed.destination("dst").await;
     let running = spawn_until(
-        &[
-            "migrate",
-            "--from",
-            s(&src),
-            "--to",
-            s(&dst),
-            "--json",
-            "--verify",
-            "20s",
-        ],
+        &migrate_args(&src, &dst, "--verify 20s"),
         "switched over; watching the destination",
         Duration::from_secs(60),
     )
@@ -240,26 +187,7 @@ async fn on_timeout_pause_finishes_offline() {
     let src = bed.source("src", "dirty:64").await;
     let dst = bed.destination("dst").await;
     let run = qmigrate(
-        &[
-            "migrate",
-            "--from",
-            s(&src),
-            "--to",
-            s(&dst),
-            "--json",
-            "--postcopy",
-            "never",
-            "--auto-converge",
-            "off",
-            "--bandwidth",
-            "32MiB/s",
-            "--max-downtime",
-            "300ms",
-            "--timeout",
-            "10s",
-            "--on-timeout",
-            "pause",
-        ],
+        &migrate_args(&src, &dst, "--postcopy never --auto-converge off --bandwidth 32MiB/s --max-downtime 300ms --timeout 10s --on-timeout pause"),
         Duration::from_secs(90),
     )
     .await;
@@ -279,30 +207,26 @@ async fn on_timeout_pause_finishes_offline() {
     assert_eq!(run_state(&src).await, "postmigrate");
 }
 
+/// Starts a migration of a 64 MiB dirtier over a 32 MiB/s link with nothing to escalate: it runs until stopped.
+async fn start_slow_migration(src: &Path, dst: &Path) -> Running {
+    spawn_until(
+        &migrate_args(
+            src,
+            dst,
+            "--auto-converge off --bandwidth 32MiB/s --timeout 120s",
+        ),
+        "migration started",
+        Duration::from_secs(30),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_cancels_and_the_source_keeps_running() {
     let mut bed = Bed::new();
     let src = bed.source("src", "dirty:64").await;
     let dst = bed.destination("dst").await;
-    let running = spawn_until(
-        &[
-            "migrate",
-            "--from",
-            s(&src),
-            "--to",
-            s(&dst),
-            "--json",
-            "--auto-converge",
-            "off",
-            "--bandwidth",
-            "32MiB/s",
-            "--timeout",
-            "120s",
-        ],
-        "migration started",
-        Duration::from_secs(30),
-    )
-    .await;
+    let running = start_slow_migration(&src, &dst).await;
     // Let it run a while: mid-pass, with data on the wire.
     tokio::time::sleep(Duration::from_secs(2)).await;
     running.signal(nix::sys::signal::Signal::SIGINT);
@@ -329,25 +253,7 @@ async fn destination_dying_mid_migration_leaves_the_source_running() {
     let mut bed = Bed::new();
     let src = bed.source("src", "dirty:64").await;
     let dst = bed.destination("dst").await;
-    let running = spawn_until(
-        &[
-            "migrate",
-            "--from",
-            s(&src),
-            "--to",
-            s(&dst),
-            "--json",
-            "--auto-converge",
-            "off",
-            "--bandwidth",
-            "32MiB/s",
-            "--timeout",
-            "120s",
-        ],
-        "migration started",
-        Duration::from_secs(30),
-    )
-    .await;
+    let running = start_slow_migration(&src, &dst).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     bed.kill(&dst);
     let run = running.finish(Duration::from_secs(30)).await;
