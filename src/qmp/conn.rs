@@ -116,15 +116,12 @@ impl Qmp {
     /// Connects to QMP over TCP (`HOST:PORT`).
     pub async fn connect_tcp(addr: &str, opts: &ConnectOptions) -> Result<Qmp, QmpError> {
         let socket = format!("tcp:{addr}");
-        let stream =
-            tokio::time::timeout(opts.handshake_timeout, tokio::net::TcpStream::connect(addr))
-                .await
-                .map_err(|_| QmpError::Timeout {
-                    socket: socket.clone(),
-                    command: "connect".into(),
-                    after: opts.handshake_timeout,
-                })?
-                .map_err(|e| io_to_connect_error(&socket, e))?;
+        let stream = connect_within(
+            &socket,
+            opts.handshake_timeout,
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await?;
         let (r, w) = stream.into_split();
         Self::handshake(r, w, socket, None, opts).await
     }
@@ -482,6 +479,22 @@ fn snippet(s: &str) -> String {
     } else {
         format!("{s:?}")
     }
+}
+
+/// Bounds a connect attempt by `timeout`, turning its failures into errors that name the socket.
+async fn connect_within<T>(
+    socket: &str,
+    timeout: Duration,
+    connect: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T, QmpError> {
+    tokio::time::timeout(timeout, connect)
+        .await
+        .map_err(|_| QmpError::Timeout {
+            socket: socket.to_string(),
+            command: "connect".into(),
+            after: timeout,
+        })?
+        .map_err(|e| io_to_connect_error(socket, e))
 }
 
 fn io_to_connect_error(socket: &str, e: std::io::Error) -> QmpError {
