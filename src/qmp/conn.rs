@@ -93,17 +93,12 @@ impl Qmp {
         if !meta.file_type().is_socket() {
             return Err(QmpError::NotASocket { socket });
         }
-        let stream = tokio::time::timeout(
+        let stream = connect_within(
+            &socket,
             opts.handshake_timeout,
             tokio::net::UnixStream::connect(path),
         )
-        .await
-        .map_err(|_| QmpError::Timeout {
-            socket: socket.clone(),
-            command: "connect".into(),
-            after: opts.handshake_timeout,
-        })?
-        .map_err(|e| io_to_connect_error(&socket, e))?;
+        .await?;
         let peer_pid =
             nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
                 .ok()
