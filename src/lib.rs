@@ -2,7 +2,11 @@
 //!
 //! # Layout
 //! - [`plan`]: PURE balancing policies (band, idc, sandpiper) and the scenario simulator.
+//! - [`stats`]: sampling VMs and the host over QMP and `/proc` (one round, many VMs at once) and per-metric time
+//!   series with windowed averages and AR(1) predictions.
+//! - [`classify`]: PURE workload classes (dirty-memory, web, net-receive, cpu, disk-io, idle) with their evidence.
 
+pub mod classify;
 pub mod config;
 pub mod exit;
 pub mod launch;
@@ -11,4 +15,5 @@ pub mod plan;
 pub mod predict;
 pub mod qmp;
 pub mod report;
+pub mod stats;
 pub mod testbed;

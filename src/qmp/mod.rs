@@ -4,6 +4,7 @@
 
 mod conn;
 pub mod features;
+pub mod stats_types;
 pub mod types;
 
 use std::time::Duration;
