@@ -27,6 +27,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run a balancing policy on a scenario file, with no QEMU, and print each round's decisions.
     Simulate(SimulateArgs),
+    /// Sample running VMs once over an interval (CPU, memory, disk, network, dirty rate) and classify their
+    /// workloads.
+    Stats(StatsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,6 +122,25 @@ pub struct SimulateArgs {
     /// How many rounds to run.
     #[arg(long, default_value_t = 1)]
     pub rounds: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// QMP sockets of the VMs (a path, unix:PATH or tcp:HOST:PORT).
+    #[arg(required = true)]
+    pub sockets: Vec<String>,
+    /// How long every rate is measured over (the dirty rate over at least 1s).
+    #[arg(long, default_value = "2s")]
+    pub interval: String,
+    /// Bound on connecting and on each QMP command.
+    #[arg(long, default_value = "3s")]
+    pub command_timeout: String,
+    /// Do not measure the dirty page rate.
+    #[arg(long)]
+    pub no_dirty_rate: bool,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -60,6 +60,44 @@ async fn run(command: cli::Command) -> Exit {
                 Err(e) => fail(&anyhow::Error::new(e), Exit::Usage),
             }
         }
+        cli::Command::Stats(a) => stats(&a).await,
+    }
+}
+
+/// One sampled snapshot: exit 0 when at least one VM answered, 3 (endpoint) when none did.
+async fn stats(a: &cli::StatsArgs) -> Exit {
+    use qmigrate::config;
+    let settings = (|| -> anyhow::Result<qmigrate::stats::SampleOptions> {
+        let interval = config::duration("interval", &a.interval)?;
+        if interval.is_zero() {
+            anyhow::bail!("--interval must be more than zero");
+        }
+        let mut opts = qmigrate::stats::SampleOptions::new(interval);
+        opts.command_timeout = config::duration("command-timeout", &a.command_timeout)?;
+        opts.vm_timeout = interval.max(Duration::from_secs(1)) + opts.command_timeout * 2;
+        opts.dirty_rate = !a.no_dirty_rate;
+        Ok(opts)
+    })();
+    let opts = match settings {
+        Ok(o) => o,
+        Err(e) => return fail(&e, Exit::Usage),
+    };
+    let snapshot = qmigrate::stats::sample_round(&a.sockets, &opts).await;
+    if a.json {
+        match serde_json::to_string_pretty(&snapshot) {
+            Ok(s) => println!("{s}"),
+            Err(e) => return fail(&anyhow::Error::new(e), Exit::Internal),
+        }
+    } else {
+        print!("{}", snapshot.to_table());
+    }
+    for vm in snapshot.vms.iter().filter(|v| v.sample.is_none()) {
+        eprintln!("error: {}", vm.error.as_deref().unwrap_or(&vm.socket));
+    }
+    if snapshot.answered() > 0 {
+        Exit::Completed
+    } else {
+        Exit::Endpoint
     }
 }
 

@@ -136,6 +136,18 @@ pub struct BlockDeviceStats {
     pub flush_operations: u64,
 }
 
+/// `query-kvm`: whether the VM runs under KVM (dirty-bitmap and dirty-ring dirty-rate modes need it).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueryKvm {}
+command!(QueryKvm, "query-kvm", KvmInfo);
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct KvmInfo {
+    pub enabled: bool,
+    pub present: bool,
+}
+
 /// `query-rx-filter` over every NIC: names and MACs (an empty list when the VM has none).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct QueryRxFilter {}

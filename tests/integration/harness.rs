@@ -285,3 +285,24 @@ pub fn migrate_args(src: &Path, dst: &Path, extra: &str) -> Vec<String> {
     args.extend(extra.split_whitespace().map(String::from));
     args
 }
+
+impl Bed {
+    /// Starts a guest like [`Bed::source`], letting the test adjust its spec first (a disk, a NIC, memory).
+    pub async fn source_with(
+        &mut self,
+        name: &str,
+        workload: &str,
+        adjust: impl FnOnce(&mut GuestSpec),
+    ) -> PathBuf {
+        let mut spec = self.spec(name, workload);
+        adjust(&mut spec);
+        let mut g = Guest::launch(spec).await.expect("start the guest");
+        let _ = std::fs::write(pid_file(g.pid()), "");
+        g.wait_ready(Duration::from_secs(60))
+            .await
+            .expect("guest ready");
+        let qmp = g.qmp_path();
+        self.guests.push(g);
+        qmp
+    }
+}

@@ -6,3 +6,4 @@ mod guest;
 mod harness;
 mod migrate;
 mod qmp;
+mod stats;
