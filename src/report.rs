@@ -131,17 +131,16 @@ impl MigrationReport {
             ));
         }
         if let Some(p) = &self.predicted {
-            rows.push((
-                "predicted",
-                format!(
-                    "{:?}: {} passes, total {}, downtime {}",
-                    p.verdict,
+            let text = match p.verdict {
+                crate::predict::Verdict::Converges => format!(
+                    "converges: {} passes, total {}, downtime {}",
                     p.passes,
                     ms(p.total_time_ms),
                     ms(p.downtime_ms)
-                )
-                .to_lowercase(),
-            ));
+                ),
+                crate::predict::Verdict::Diverges => format!("does not converge: {}", p.reason),
+            };
+            rows.push(("predicted", text));
         }
         rows.push((
             "final state",
