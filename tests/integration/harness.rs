@@ -306,3 +306,64 @@ impl Bed {
         qmp
     }
 }
+
+/// A host tap device with an address, for a guest's NIC; deleted on drop. Needs root (CAP_NET_ADMIN).
+pub struct Tap {
+    pub name: String,
+    /// The host's address on the tap; the guest takes `.2` of the same /24.
+    pub host_ip: String,
+    pub guest_ip: String,
+}
+
+impl Tap {
+    /// `subnet` picks 10.77.SUBNET.0/24, so that two taps of one test run never share a network.
+    pub fn new(subnet: u8) -> Tap {
+        let name = format!("qm{}t{subnet}", std::process::id() % 100_000);
+        let tap = Tap {
+            name,
+            host_ip: format!("10.77.{subnet}.1"),
+            guest_ip: format!("10.77.{subnet}.2"),
+        };
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("run ip");
+            assert!(st.success(), "ip {args:?} failed (root needed)");
+        };
+        ip(&["tuntap", "add", "dev", &tap.name, "mode", "tap"]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", tap.host_ip),
+            "dev",
+            &tap.name,
+        ]);
+        ip(&["link", "set", &tap.name, "up"]);
+        tap
+    }
+
+    /// QEMU arguments for a virtio NIC on this tap, and the guest's kernel parameter.
+    pub fn guest_args(&self) -> (Vec<String>, String) {
+        (
+            vec![
+                "-netdev".into(),
+                format!(
+                    "tap,id=hostnet0,ifname={},script=no,downscript=no",
+                    self.name
+                ),
+                "-device".into(),
+                "virtio-net-pci,netdev=hostnet0,id=net0".into(),
+            ],
+            format!("qm_ip={}/24", self.guest_ip),
+        )
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["tuntap", "del", "dev", &self.name, "mode", "tap"])
+            .status();
+    }
+}

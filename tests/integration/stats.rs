@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use qmigrate::stats::{sample_round, SampleOptions};
 use serde_json::Value;
 
-use crate::harness::{qmigrate, s, Bed};
+use crate::harness::{qmigrate, s, Bed, Tap};
 
 /// Runs `qmigrate stats --json` on one socket and returns its VM entry.
 async fn stats_of(qmp: &Path) -> Value {
@@ -233,4 +233,135 @@ async fn ten_guests_cost_about_one_sample_and_a_dead_one_is_reported() {
     )
     .await;
     assert_eq!(run.code, 3, "{run:?}");
+}
+
+/// Host-side traffic to a guest until stopped: `Fetch` reads the web guest's 1 MiB file over and over, `Stream`
+/// writes into the netrecv guest's port 5001. Returns once the first bytes have moved.
+enum Load {
+    Fetch,
+    Stream,
+}
+
+async fn start_load(
+    load: Load,
+    guest_ip: &str,
+) -> (
+    tokio::task::JoinHandle<u64>,
+    tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+    let ip = guest_ip.to_string();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut first = Some(first_tx);
+        let mut moved = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        while !token.is_cancelled() {
+            let port = match load {
+                Load::Fetch => 80,
+                Load::Stream => 5001,
+            };
+            let Ok(Ok(mut conn)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::net::TcpStream::connect((ip.as_str(), port)),
+            )
+            .await
+            else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            match load {
+                Load::Fetch => {
+                    let _ = conn.write_all(b"GET /file HTTP/1.0\r\n\r\n").await;
+                    loop {
+                        let n = tokio::select! {
+                            n = conn.read(&mut buf) => n.unwrap_or(0),
+                            _ = token.cancelled() => 0,
+                        };
+                        if n == 0 {
+                            break;
+                        }
+                        moved += n as u64;
+                        if let Some(tx) = first.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+                Load::Stream => loop {
+                    let ok = tokio::select! {
+                        r = conn.write_all(&buf) => r.is_ok(),
+                        _ = token.cancelled() => false,
+                    };
+                    if !ok {
+                        break;
+                    }
+                    moved += buf.len() as u64;
+                    if let Some(tx) = first.take() {
+                        let _ = tx.send(());
+                    }
+                },
+            }
+        }
+        moved
+    });
+    tokio::time::timeout(Duration::from_secs(20), first_rx)
+        .await
+        .expect("no traffic to the guest within 20 s")
+        .expect("load task");
+    (task, stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_guests_are_web_or_net_receive_by_their_tap() {
+    // (workload, tap subnet, host load, class it must carry, its metric, the class it must not carry)
+    let cases = [
+        (
+            "web",
+            1u8,
+            Load::Fetch,
+            "web",
+            "net_tx_bytes_per_s",
+            "net-receive",
+        ),
+        (
+            "netrecv",
+            2,
+            Load::Stream,
+            "net-receive",
+            "net_rx_bytes_per_s",
+            "web",
+        ),
+    ];
+    for (workload, subnet, load, class, metric, never) in cases {
+        let tap = Tap::new(subnet);
+        let (args, kernel) = tap.guest_args();
+        let mut bed = Bed::new();
+        let qmp = bed
+            .source_with("vm", workload, |spec| {
+                spec.extra_args = args;
+                spec.kernel_extra = kernel;
+            })
+            .await;
+        let (task, stop) = start_load(load, &tap.guest_ip).await;
+        let vm = stats_of(&qmp).await;
+        stop.cancel();
+        let moved = task.await.unwrap();
+        eprintln!("{workload}: {} ({moved} bytes moved)", vm["classes"]);
+        let got = classes(&vm);
+        assert!(
+            got.contains(&class.to_string()),
+            "{workload}: {got:?}\n{vm:#}"
+        );
+        assert!(!got.contains(&never.to_string()), "{workload}: {vm:#}");
+        let ev = evidence(&vm, class);
+        assert!(
+            ev.iter().any(|(m, v, t)| m == metric && v >= t),
+            "{workload}: {ev:?}"
+        );
+        let nic = &vm["sample"]["nics"][0];
+        assert_eq!(nic["tap"], tap.name.as_str(), "{nic:#}");
+        assert_eq!(nic["name"], "net0", "{nic:#}");
+    }
 }
