@@ -5,15 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-macro_rules! command {
-    ($ty:ident, $name:literal, $ok:ty) => {
-        impl qapi::Command for $ty {
-            type Ok = $ok;
-            const NAME: &'static str = $name;
-            const ALLOW_OOB: bool = false;
-        }
-    };
-}
+use super::types::command;
 
 /// `query-cpus-fast`: one entry per vCPU with the host thread running it.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// Implements `qapi::Command` for a project-owned command type: `command!(Type, "qmp-name", ReplyType)`.
 macro_rules! command {
     ($ty:ident, $name:literal, $ok:ty) => {
         impl qapi::Command for $ty {
@@ -15,6 +16,7 @@ macro_rules! command {
         }
     };
 }
+pub(crate) use command;
 
 /// `query-status`, with the run state as a string.
 #[derive(Debug, Clone, Default, Serialize)]
