@@ -8,30 +8,13 @@ use super::model;
 use super::scenario::{Host, Scenario, Tuning, Vm};
 use super::Decision;
 
-/// Fewer samples than this (history plus the current one) give no usable lag-1 correlation, so the prediction falls
-/// back to the current figure.
-const AR1_MIN_SAMPLES: usize = 3;
-
 /// Predicts the next sample with an AR(1) model fitted to `history` followed by `current`:
-/// `u_{k+1} = μ + φ (u_k − μ)`, μ the mean of the series and φ its lag-1 autocorrelation (clamped to [-1, 1]).
+/// `u_{k+1} = μ + φ (u_k − μ)`, μ the mean of the series and φ its lag-1 autocorrelation (clamped to [-1, 1]);
+/// the current figure while the series is too short to correlate.
 pub fn ar1_predict(history: &[f64], current: f64) -> f64 {
-    let n = history.len() + 1;
-    if n < AR1_MIN_SAMPLES {
-        return current;
-    }
-    let series = || history.iter().copied().chain(std::iter::once(current));
-    #[allow(clippy::cast_precision_loss)] // a history is a handful of samples
-    let mean = series().sum::<f64>() / n as f64;
-    let var: f64 = series().map(|x| (x - mean) * (x - mean)).sum();
-    if var == 0.0 {
-        return current;
-    }
-    let lagged: f64 = series()
-        .zip(series().skip(1))
-        .map(|(a, b)| (a - mean) * (b - mean))
-        .sum();
-    let phi = (lagged / var).clamp(-1.0, 1.0);
-    mean + phi * (current - mean)
+    let mut series = history.to_vec();
+    series.push(current);
+    crate::stats::history::ar1_next(&series).unwrap_or(current)
 }
 
 /// One figure of a host against its threshold.

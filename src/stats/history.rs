@@ -104,22 +104,13 @@ impl Series {
         Some(sum / f64::from(n))
     }
 
-    /// φ: the lag-1 autocorrelation of the whole series, clamped to [-1, 1]. `None` with fewer than
-    /// [`AR1_MIN_SAMPLES`] samples; 0 for a flat series (nothing to correlate, so the mean is the best guess —
-    /// which for a flat series is also its last value).
+    /// φ: the lag-1 autocorrelation of the whole series (see [`ar1_phi`]).
     pub fn phi(&self) -> Option<f64> {
-        let n = self.points.len();
-        if n < AR1_MIN_SAMPLES {
-            return None;
-        }
-        let mean = self.mean()?;
-        let dev = || self.points.iter().map(|p| p.value - mean);
-        let var: f64 = dev().map(|d| d * d).sum();
-        if var == 0.0 {
-            return Some(0.0);
-        }
-        let lagged: f64 = dev().zip(dev().skip(1)).map(|(a, b)| a * b).sum();
-        Some((lagged / var).clamp(-1.0, 1.0))
+        ar1_phi(&self.values())
+    }
+
+    fn values(&self) -> Vec<f64> {
+        self.points.iter().map(|p| p.value).collect()
     }
 
     /// μ: the mean of every sample held.
@@ -132,14 +123,41 @@ impl Series {
         Some(self.points.iter().map(|p| p.value).sum::<f64>() / n)
     }
 
-    /// The AR(1) one-step prediction u(k+1) = μ + φ (u(k) − μ); the last value while there are fewer than
-    /// [`AR1_MIN_SAMPLES`] samples; `None` when there is none.
+    /// The AR(1) one-step prediction of the series (see [`ar1_next`]).
     pub fn predict_next(&self) -> Option<f64> {
-        let last = self.points.back()?.value;
-        match (self.phi(), self.mean()) {
-            (Some(phi), Some(mu)) => Some(mu + phi * (last - mu)),
-            _ => Some(last),
+        ar1_next(&self.values())
+    }
+}
+
+/// φ of a series: its lag-1 autocorrelation, clamped to [-1, 1]. `None` with fewer than [`AR1_MIN_SAMPLES`]
+/// samples; 0 for a flat series (nothing to correlate, so the mean is the best guess — which for a flat series is
+/// also its last value).
+pub fn ar1_phi(values: &[f64]) -> Option<f64> {
+    if values.len() < AR1_MIN_SAMPLES {
+        return None;
+    }
+    #[allow(clippy::cast_precision_loss)] // a history is a bounded number of samples
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    let dev = || values.iter().map(|v| v - mean);
+    let var: f64 = dev().map(|d| d * d).sum();
+    if var == 0.0 {
+        return Some(0.0);
+    }
+    let lagged: f64 = dev().zip(dev().skip(1)).map(|(a, b)| a * b).sum();
+    Some((lagged / var).clamp(-1.0, 1.0))
+}
+
+/// The AR(1) one-step prediction u(k+1) = μ + φ (u(k) − μ) of a series (paper 004), μ its mean and φ from
+/// [`ar1_phi`]; the last value while there are fewer than [`AR1_MIN_SAMPLES`] samples; `None` when empty.
+pub fn ar1_next(values: &[f64]) -> Option<f64> {
+    let last = *values.last()?;
+    match ar1_phi(values) {
+        Some(phi) => {
+            #[allow(clippy::cast_precision_loss)]
+            let mu = values.iter().sum::<f64>() / values.len() as f64;
+            Some(mu + phi * (last - mu))
         }
+        None => Some(last),
     }
 }
 
