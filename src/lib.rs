@@ -5,6 +5,7 @@
 //! - [`stats`]: sampling VMs and the host over QMP and `/proc` (one round, many VMs at once) and per-metric time
 //!   series with windowed averages and AR(1) predictions.
 //! - [`classify`]: PURE workload classes (dirty-memory, web, net-receive, cpu, disk-io, idle) with their evidence.
+//! - [`top`]: the live terminal view of VMs and host (`qmigrate top`): PURE rows, sort, keys and drawing; the I/O loop.
 
 pub mod classify;
 pub mod config;
@@ -17,3 +18,4 @@ pub mod qmp;
 pub mod report;
 pub mod stats;
 pub mod testbed;
+pub mod top;
