@@ -30,6 +30,10 @@ pub enum Command {
     /// Sample running VMs once over an interval (CPU, memory, disk, network, dirty rate) and classify their
     /// workloads.
     Stats(StatsArgs),
+    /// Sample VMs and the host continuously and serve Prometheus metrics over HTTP.
+    Serve(ServeArgs),
+    /// Measure one VM's dirty page rate: once, or as a time series with --watch.
+    DirtyRate(DirtyRateArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -142,6 +146,53 @@ pub struct StatsArgs {
     #[arg(long)]
     pub no_dirty_rate: bool,
     /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to serve http://ADDR/metrics on, e.g. 127.0.0.1:9900.
+    #[arg(long)]
+    pub metrics: String,
+    /// QMP sockets of the VMs (a path, unix:PATH or tcp:HOST:PORT), each optionally NAME=SOCKET to name the VM in
+    /// the `vm` label. Give each VM a second -qmp monitor for this: QEMU serves one client per socket.
+    #[arg(required = true)]
+    pub sockets: Vec<String>,
+    /// How often each VM is sampled; every rate is measured over it (the dirty rate over at least 1s).
+    #[arg(long, default_value = "1s")]
+    pub interval: String,
+    /// Bound on connecting and on each QMP command.
+    #[arg(long, default_value = "3s")]
+    pub command_timeout: String,
+    /// At most this many VMs are sampled at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_concurrent: usize,
+    /// Do not measure the dirty page rate.
+    #[arg(long)]
+    pub no_dirty_rate: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DirtyRateArgs {
+    /// QMP socket of the VM (a path, unix:PATH or tcp:HOST:PORT).
+    pub socket: String,
+    /// Measure again and again (until --count or Ctrl-C), one line per measurement.
+    #[arg(long)]
+    pub watch: bool,
+    /// How long each measurement spans (QEMU measures whole seconds, at least 1s).
+    #[arg(long, default_value = "2s")]
+    pub interval: String,
+    /// With --watch: stop after this many measurements.
+    #[arg(long, requires = "watch")]
+    pub count: Option<u64>,
+    /// The window of the moving average.
+    #[arg(long, default_value = "60s")]
+    pub window: String,
+    /// Bound on connecting and on each QMP command.
+    #[arg(long, default_value = "3s")]
+    pub command_timeout: String,
+    /// One JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
 }

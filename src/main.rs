@@ -61,6 +61,8 @@ async fn run(command: cli::Command) -> Exit {
             }
         }
         cli::Command::Stats(a) => stats(&a).await,
+        cli::Command::Serve(a) => serve(&a).await,
+        cli::Command::DirtyRate(a) => dirty_rate(&a).await,
     }
 }
 
@@ -95,6 +97,94 @@ async fn stats(a: &cli::StatsArgs) -> Exit {
         eprintln!("error: {}", vm.error.as_deref().unwrap_or(&vm.socket));
     }
     if snapshot.answered() > 0 {
+        Exit::Completed
+    } else {
+        Exit::Endpoint
+    }
+}
+
+/// Serves metrics until SIGINT or SIGTERM; exit 0 after a clean stop.
+async fn serve(a: &cli::ServeArgs) -> Exit {
+    use qmigrate::config;
+    use qmigrate::stats::serve::{self, ServeOptions, Target};
+    let settings = (|| -> anyhow::Result<ServeOptions> {
+        let interval = config::duration("interval", &a.interval)?;
+        if interval.is_zero() {
+            anyhow::bail!("--interval must be more than zero");
+        }
+        if a.max_concurrent == 0 {
+            anyhow::bail!("--max-concurrent must be at least 1");
+        }
+        let mut opts = ServeOptions::new(interval);
+        opts.sample.command_timeout = config::duration("command-timeout", &a.command_timeout)?;
+        opts.sample.vm_timeout =
+            interval.max(Duration::from_secs(1)) + opts.sample.command_timeout * 2;
+        opts.sample.dirty_rate = !a.no_dirty_rate;
+        opts.max_concurrent_vms = a.max_concurrent;
+        Ok(opts)
+    })();
+    let opts = match settings {
+        Ok(o) => o,
+        Err(e) => return fail(&e, Exit::Usage),
+    };
+    let listener = match tokio::net::TcpListener::bind(&a.metrics).await {
+        Ok(l) => l,
+        Err(source) => {
+            let e = serve::ServeError::Bind {
+                addr: a.metrics.clone(),
+                source,
+            };
+            return fail(&anyhow::Error::new(e), Exit::Usage);
+        }
+    };
+    let targets = a.sockets.iter().map(|s| Target::parse(s)).collect();
+    let cancel = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(
+        cancel.clone(),
+        "stopping: no more samples, the metrics server closes",
+    ));
+    let result = serve::run(listener, targets, opts, cancel).await;
+    signals.abort();
+    match result {
+        Ok(()) => Exit::Completed,
+        Err(e) => fail(&anyhow::Error::new(e), Exit::Internal),
+    }
+}
+
+/// One dirty-rate measurement, or a series with --watch; exit 0 when at least one gave a rate, 3 when none did.
+async fn dirty_rate(a: &cli::DirtyRateArgs) -> Exit {
+    use qmigrate::config;
+    use qmigrate::stats::watch::{self, WatchOptions};
+    let settings = (|| -> anyhow::Result<WatchOptions> {
+        let interval = config::duration("interval", &a.interval)?;
+        if interval.is_zero() {
+            anyhow::bail!("--interval must be more than zero");
+        }
+        Ok(WatchOptions {
+            interval,
+            command_timeout: config::duration("command-timeout", &a.command_timeout)?,
+            count: if a.watch { a.count } else { Some(1) },
+            window: config::duration("window", &a.window)?,
+        })
+    })();
+    let opts = match settings {
+        Ok(o) => o,
+        Err(e) => return fail(&e, Exit::Usage),
+    };
+    let cancel = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(cancel.clone(), "stopping"));
+    let json = a.json;
+    let measured = watch::watch(&a.socket, &opts, &cancel, |m| match m {
+        Ok(m) if json => match serde_json::to_string(m) {
+            Ok(line) => println!("{line}"),
+            Err(e) => eprintln!("error: {e}"),
+        },
+        Ok(m) => println!("{}", m.to_line()),
+        Err(e) => eprintln!("error: {}", qmigrate::stats::error_chain(e)),
+    })
+    .await;
+    signals.abort();
+    if measured > 0 {
         Exit::Completed
     } else {
         Exit::Endpoint
@@ -143,7 +233,10 @@ fn apply_tuning(req: &mut MigrationRequest, t: &cli::TuningArgs) -> anyhow::Resu
 /// Runs one migration with a progress bar on a terminal and SIGINT/SIGTERM cancelling it.
 async fn run_migration(req: &MigrationRequest, json: bool) -> Exit {
     let cancel = CancellationToken::new();
-    let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
+    let signals = tokio::spawn(cancel_on_signal(
+        cancel.clone(),
+        "cancelling the migration; the source keeps running",
+    ));
     let bar = std::io::stderr().is_terminal().then(progress_bar);
     let on_progress = |p: &Progress| {
         if let Some(bar) = &bar {
@@ -196,7 +289,7 @@ fn progress_bar() -> indicatif::ProgressBar {
     bar
 }
 
-async fn cancel_on_signal(cancel: CancellationToken) {
+async fn cancel_on_signal(cancel: CancellationToken, message: &'static str) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
@@ -208,7 +301,7 @@ async fn cancel_on_signal(cancel: CancellationToken) {
         _ = int.recv() => {}
         _ = term.recv() => {}
     }
-    eprintln!("interrupted: cancelling the migration; the source keeps running");
+    eprintln!("interrupted: {message}");
     cancel.cancel();
 }
 
@@ -244,7 +337,10 @@ async fn demo_inner(a: &cli::DemoArgs) -> anyhow::Result<Exit> {
     );
     apply_tuning(&mut req, &a.tuning)?;
     let cancel = CancellationToken::new();
-    let signals = tokio::spawn(cancel_on_signal(cancel.clone()));
+    let signals = tokio::spawn(cancel_on_signal(
+        cancel.clone(),
+        "cancelling the migration; the source keeps running",
+    ));
     let result = migrate::migrate(&req, &cancel, &|_| {}).await;
     signals.abort();
     let code = match result {

@@ -6,6 +6,8 @@
 pub mod history;
 pub mod procfs;
 pub mod sampler;
+pub mod serve;
+pub mod watch;
 
 use std::time::{Duration, Instant};
 

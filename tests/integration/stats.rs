@@ -365,3 +365,312 @@ async fn network_guests_are_web_or_net_receive_by_their_tap() {
         assert_eq!(nic["name"], "net0", "{nic:#}");
     }
 }
+
+/// Scrapes until every `vm` has at least `samples` successful or failed samples, or panics after `limit`.
+async fn scrape_after_samples(
+    port: u16,
+    vms: &[&str],
+    samples: f64,
+    limit: Duration,
+) -> (String, prometheus_parse::Scrape) {
+    use crate::harness::{metric_value, scrape};
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = scrape(port).await;
+        if let Ok((text, parsed)) = &last {
+            let done = vms.iter().all(|vm| {
+                let ok = metric_value(parsed, "qmigrate_vm_samples_total", &[("vm", vm)]);
+                let failed = metric_value(parsed, "qmigrate_vm_sample_errors_total", &[("vm", vm)]);
+                ok.unwrap_or(0.0) + failed.unwrap_or(0.0) >= samples
+            });
+            if done {
+                return (text.clone(), parsed.clone());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {samples} samples of {vms:?} within {limit:?}: {:?}",
+            last.map(|(t, _)| t)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_exports_prometheus_metrics_of_every_vm_and_stops_on_sigterm() {
+    use crate::harness::{free_port, metric_value, spawn_until};
+    use qmigrate::qmp::{ConnectOptions, Qmp};
+    let mut bed = Bed::new();
+    let dirty = bed.source("dirty", "dirty:64").await;
+    let idle = bed.source("idle", "idle").await;
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let serve = spawn_until(
+        &[
+            "serve",
+            "--metrics",
+            &addr,
+            "--interval",
+            "1s",
+            s(&dirty),
+            s(&idle),
+        ],
+        "serving metrics",
+        Duration::from_secs(20),
+    )
+    .await;
+    let (text, m) =
+        scrape_after_samples(port, &[s(&dirty), s(&idle)], 2.0, Duration::from_secs(40)).await;
+    let v = |metric: &str, labels: &[(&str, &str)]| {
+        metric_value(&m, metric, labels)
+            .unwrap_or_else(|| panic!("no {metric} {labels:?}:\n{text}"))
+    };
+    for vm in [s(&dirty), s(&idle)] {
+        assert_eq!(v("qmigrate_vm_up", &[("vm", vm)]), 1.0, "{text}");
+        assert_eq!(
+            v("qmigrate_vm_run_state", &[("vm", vm), ("state", "running")]),
+            1.0
+        );
+        assert_eq!(
+            v("qmigrate_vm_memory_bytes", &[("vm", vm)]),
+            f64::from(256u32 << 20)
+        );
+        assert!(
+            v("qmigrate_vm_balloon_bytes", &[("vm", vm)]) > 0.0,
+            "{text}"
+        );
+        let vcpu = v("qmigrate_vm_vcpu_percent", &[("vm", vm), ("vcpu", "0")]);
+        assert!((0.0..=110.0).contains(&vcpu), "{text}");
+        assert!(
+            v("qmigrate_vm_sample_duration_seconds", &[("vm", vm)]) >= 1.0,
+            "{text}"
+        );
+        assert_eq!(
+            metric_value(&m, "qmigrate_vm_sample_errors_total", &[("vm", vm)]).unwrap_or(0.0),
+            0.0
+        );
+    }
+    let dirty_rate = v(
+        "qmigrate_vm_dirty_rate_bytes_per_second",
+        &[("vm", s(&dirty))],
+    );
+    let idle_rate = v(
+        "qmigrate_vm_dirty_rate_bytes_per_second",
+        &[("vm", s(&idle))],
+    );
+    assert!(
+        dirty_rate > idle_rate && dirty_rate >= 8.0 * 1024.0 * 1024.0,
+        "dirty {dirty_rate}, idle {idle_rate}"
+    );
+    assert_eq!(
+        v(
+            "qmigrate_vm_class",
+            &[("vm", s(&dirty)), ("class", "dirty-memory")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("qmigrate_vm_class", &[("vm", s(&dirty)), ("class", "idle")]),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        v("qmigrate_vm_class", &[("vm", s(&idle)), ("class", "idle")]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        v(
+            "qmigrate_vm_class",
+            &[("vm", s(&idle)), ("class", "dirty-memory")]
+        ),
+        0.0,
+        "{text}"
+    );
+    assert!(
+        v("qmigrate_vm_cpu_percent", &[("vm", s(&dirty))])
+            > v("qmigrate_vm_cpu_percent", &[("vm", s(&idle))])
+    );
+    assert!(
+        v("qmigrate_host_cpus", &[]) >= 1.0 && v("qmigrate_host_memory_total_bytes", &[]) > 0.0,
+        "{text}"
+    );
+    // The round-trip histogram: its buckets parse as one, and it has observations from both VMs.
+    let buckets = m
+        .samples
+        .iter()
+        .find_map(|s| match &s.value {
+            prometheus_parse::Value::Histogram(b)
+                if s.metric == "qmigrate_qmp_round_trip_seconds" =>
+            {
+                Some(b)
+            }
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no round-trip histogram:\n{text}"));
+    assert!(buckets.iter().any(|b| b.count >= 2.0), "{text}");
+    assert!(
+        v("qmigrate_qmp_round_trip_seconds_count", &[]) >= 2.0,
+        "{text}"
+    );
+    // serve releases each socket between samples: another QMP client (a migration) gets in while it runs.
+    let opts = ConnectOptions {
+        handshake_timeout: Duration::from_millis(500),
+        command_timeout: Duration::from_secs(2),
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if Qmp::connect(s(&idle), &opts).await.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve never released {}",
+            idle.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    let run = serve.finish(Duration::from_secs(15)).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        crate::harness::scrape(port).await.is_err(),
+        "still serving after SIGTERM"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reports_a_dead_socket_as_an_error_and_serves_the_live_one() {
+    use crate::harness::{free_port, metric_value, spawn_until};
+    let mut bed = Bed::new();
+    let live = bed.source("live", "idle").await;
+    let dead = bed.source("dead", "idle").await;
+    bed.kill(&dead);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let live_arg = format!("live={}", live.display());
+    let dead_arg = format!("dead={}", dead.display());
+    let serve = spawn_until(
+        &[
+            "serve",
+            "--metrics",
+            &addr,
+            "--interval",
+            "1s",
+            &live_arg,
+            &dead_arg,
+        ],
+        "serving metrics",
+        Duration::from_secs(20),
+    )
+    .await;
+    let (text, m) =
+        scrape_after_samples(port, &["live", "dead"], 2.0, Duration::from_secs(30)).await;
+    assert_eq!(
+        metric_value(&m, "qmigrate_vm_up", &[("vm", "dead")]),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(&m, "qmigrate_vm_sample_errors_total", &[("vm", "dead")]).unwrap() >= 2.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&m, "qmigrate_vm_memory_bytes", &[("vm", "dead")]),
+        None,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&m, "qmigrate_vm_up", &[("vm", "live")]),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(&m, "qmigrate_vm_samples_total", &[("vm", "live")]).unwrap() >= 1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "qmigrate_vm_class",
+            &[("vm", "live"), ("class", "idle")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    serve.signal(nix::sys::signal::Signal::SIGINT);
+    let run = serve.finish(Duration::from_secs(15)).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    // The failure is logged once with the socket's path, not once per interval.
+    let dead_path = dead.display().to_string();
+    assert_eq!(run.stderr.matches("no sample").count(), 1, "{run:?}");
+    assert!(run.stderr.contains(&dead_path), "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_rate_watch_prints_one_json_line_per_measurement() {
+    let mut bed = Bed::new();
+    let qmp = bed.source("vm", "dirty:64").await;
+    let run = qmigrate(
+        &[
+            "dirty-rate",
+            "--watch",
+            "--count",
+            "3",
+            "--interval",
+            "1s",
+            "--json",
+            s(&qmp),
+        ],
+        Duration::from_secs(40),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let lines: Vec<Value> = run
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 3, "{run:?}");
+    let mut last_elapsed = -1.0;
+    for m in &lines {
+        let rate = m["bytes_per_s"].as_f64().unwrap_or_else(|| panic!("{m}"));
+        assert!(rate > 0.0, "{m}");
+        assert!(m["mode"].is_string() && m["time"].is_string(), "{m}");
+        assert!(m["average_bytes_per_s"].as_f64().unwrap() > 0.0, "{m}");
+        let elapsed = m["elapsed_s"].as_f64().unwrap();
+        assert!(elapsed > last_elapsed, "{m}");
+        last_elapsed = elapsed;
+    }
+    // The average covers every measurement in the window; the prediction needs three for AR(1), else the last value.
+    let rates: Vec<f64> = lines
+        .iter()
+        .map(|m| m["bytes_per_s"].as_f64().unwrap())
+        .collect();
+    let mean = rates.iter().sum::<f64>() / 3.0;
+    assert!(
+        (lines[2]["average_bytes_per_s"].as_f64().unwrap() - mean).abs() < 1.0,
+        "{run:?}"
+    );
+    assert_eq!(
+        lines[1]["predicted_next_bytes_per_s"].as_f64(),
+        Some(rates[1]),
+        "{run:?}"
+    );
+    assert!(
+        lines[2]["predicted_next_bytes_per_s"].as_f64().unwrap() > 0.0,
+        "{run:?}"
+    );
+
+    // Without --watch: one measurement, as text.
+    let run = qmigrate(
+        &["dirty-rate", "--interval", "1s", s(&qmp)],
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout.lines().count(), 1, "{run:?}");
+    assert!(run.stdout.contains("MiB/s"), "{run:?}");
+}
