@@ -793,4 +793,162 @@ mod tests {
         assert_eq!(value("qmigrate_vm_class"), None);
         assert!(text.contains("qmigrate_host_up 0"), "{text}");
     }
+
+    /// A sample with one of everything: a vCPU, guest memory, a disk and a tapped NIC.
+    fn full_sample() -> VmSample {
+        use super::super::{
+            DirtyRateSample, DiskSample, GuestMemory, MemorySample, NicSample, VcpuSample,
+        };
+        VmSample {
+            socket: "vm.qmp".into(),
+            pid: Some(1),
+            run_state: "running".into(),
+            interval_ms: 1000,
+            vcpus: vec![VcpuSample {
+                index: 0,
+                thread_id: 2,
+                cpu_pct: Some(97.0),
+            }],
+            cpu_pct: Some(97.0),
+            cpu_total_pct: Some(97.0),
+            memory: MemorySample {
+                ram_bytes: 256 << 20,
+                plugged_bytes: 0,
+                balloon_actual_bytes: Some(256 << 20),
+                guest: Some(GuestMemory {
+                    total_bytes: Some(240 << 20),
+                    free_bytes: Some(100 << 20),
+                    available_bytes: Some(200 << 20),
+                    swap_in_bytes: None,
+                    swap_out_bytes: None,
+                    major_faults: None,
+                    last_update_s: 1,
+                }),
+            },
+            disks: vec![DiskSample {
+                device: "virtio0".into(),
+                read_bytes_per_s: 1.0,
+                write_bytes_per_s: 2.0,
+                read_ops_per_s: 0.0,
+                write_ops_per_s: 0.0,
+                flush_ops_per_s: 0.0,
+            }],
+            nics: vec![NicSample {
+                name: "net0".into(),
+                mac: String::new(),
+                tap: Some("tap0".into()),
+                rx_bytes_per_s: Some(3.0),
+                tx_bytes_per_s: Some(4.0),
+                rx_packets_per_s: Some(5.0),
+                tx_packets_per_s: Some(6.0),
+            }],
+            dirty_rate: DirtyRateSample {
+                bytes_per_s: Some(40.0 * 1024.0 * 1024.0),
+                mode: Some("page-sampling".into()),
+            },
+            notes: vec![],
+        }
+    }
+
+    fn recorded(sample: VmSample) -> Result<(VmSample, Vec<Label>), StatsError> {
+        let labels = classify::classify(&sample.figures(), &classify::Thresholds::default());
+        Ok((sample, labels))
+    }
+
+    #[test]
+    fn a_device_that_goes_away_stops_being_exported() {
+        let m = Metrics::new();
+        let mut exported = Exported::default();
+        m.record_vm(
+            "vm",
+            &recorded(full_sample()),
+            Duration::from_secs(1),
+            &mut exported,
+        );
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains(
+                r#"qmigrate_vm_disk_write_bytes_per_second{vm="vm",device="virtio0"} 2.0"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"qmigrate_vm_class{vm="vm",class="dirty-memory"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"qmigrate_vm_class{vm="vm",class="idle"} 0"#),
+            "{text}"
+        );
+        let mut paused = full_sample();
+        paused.disks.clear();
+        paused.run_state = "paused".into();
+        m.record_vm(
+            "vm",
+            &recorded(paused),
+            Duration::from_secs(1),
+            &mut exported,
+        );
+        let text = m.encode().unwrap();
+        assert!(!text.contains("virtio0"), "{text}");
+        assert!(!text.contains(r#"state="running""#), "{text}");
+        assert!(
+            text.contains(r#"qmigrate_vm_run_state{vm="vm",state="paused"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"qmigrate_vm_samples_total{vm="vm"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_grafana_dashboard_uses_only_exported_metrics() {
+        let m = Metrics::new();
+        m.record_vm(
+            "vm",
+            &recorded(full_sample()),
+            Duration::from_secs(1),
+            &mut Exported::default(),
+        );
+        m.record_vm(
+            "gone",
+            &Err(StatsError::Task {
+                socket: "gone.qmp".into(),
+            }),
+            Duration::from_secs(1),
+            &mut Exported::default(),
+        );
+        m.record_host(&Err(StatsError::Task {
+            socket: "host".into(),
+        }));
+        let text = m.encode().unwrap();
+        let exported: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let dashboard = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/docs/grafana/qmigrate.json"
+        ))
+        .unwrap();
+        let json: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+        assert!(json["panels"].as_array().is_some_and(|p| p.len() >= 10));
+        let mut used = 0;
+        for (i, _) in dashboard.match_indices("qmigrate_") {
+            let name: String = dashboard[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            // Counters and histograms are exposed as name_total, name_bucket, name_count and name_sum.
+            let base = ["_total", "_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(exported.contains(&base), "{name} is not exported:\n{text}");
+            used += 1;
+        }
+        assert!(used > 20, "{used}");
+    }
 }

@@ -396,6 +396,15 @@ async fn scrape_after_samples(
     }
 }
 
+/// Fails with qmigrate's output when `serve` has already exited: it must run until signalled.
+async fn still_running(mut serve: crate::harness::Running) -> crate::harness::Running {
+    if let Ok(Some(_)) = serve.child.try_wait() {
+        let run = serve.finish(Duration::from_secs(5)).await;
+        panic!("qmigrate serve exited before it was signalled: {run:?}");
+    }
+    serve
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_exports_prometheus_metrics_of_every_vm_and_stops_on_sigterm() {
     use crate::harness::{free_port, metric_value, spawn_until};
@@ -532,6 +541,7 @@ async fn serve_exports_prometheus_metrics_of_every_vm_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    let serve = still_running(serve).await;
     serve.signal(nix::sys::signal::Signal::SIGTERM);
     let run = serve.finish(Duration::from_secs(15)).await;
     assert_eq!(run.code, 0, "{run:?}");
@@ -600,6 +610,7 @@ async fn serve_reports_a_dead_socket_as_an_error_and_serves_the_live_one() {
         Some(1.0),
         "{text}"
     );
+    let serve = still_running(serve).await;
     serve.signal(nix::sys::signal::Signal::SIGINT);
     let run = serve.finish(Duration::from_secs(15)).await;
     assert_eq!(run.code, 0, "{run:?}");
