@@ -30,6 +30,8 @@ pub enum Command {
     /// Sample running VMs once over an interval (CPU, memory, disk, network, dirty rate) and classify their
     /// workloads.
     Stats(StatsArgs),
+    /// A live, virt-top-like view of VMs: CPU, memory, dirty rate, network, disk, classes; sortable.
+    Top(TopArgs),
     /// Sample VMs and the host continuously and serve Prometheus metrics over HTTP.
     Serve(ServeArgs),
     /// Measure one VM's dirty page rate: once, or as a time series with --watch.
@@ -148,6 +150,22 @@ pub struct StatsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TopArgs {
+    /// QMP sockets of the VMs (a path, unix:PATH or tcp:HOST:PORT).
+    #[arg(required = true)]
+    pub sockets: Vec<String>,
+    /// How often the view refreshes; every rate is measured over it (the dirty rate over at least 1s).
+    #[arg(long, default_value = "2s")]
+    pub interval: String,
+    /// Bound on connecting and on each QMP command.
+    #[arg(long, default_value = "3s")]
+    pub command_timeout: String,
+    /// Do not measure the dirty page rate.
+    #[arg(long)]
+    pub no_dirty_rate: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -16,6 +16,8 @@ mod cli;
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
     let filter = match args.verbose {
+        // Log lines would be drawn over top's screen.
+        0 if matches!(args.command, cli::Command::Top(_)) => "off",
         0 => "warn",
         1 => "qmigrate=info,warn",
         2 => "qmigrate=debug,info",
@@ -61,6 +63,7 @@ async fn run(command: cli::Command) -> Exit {
             }
         }
         cli::Command::Stats(a) => stats(&a).await,
+        cli::Command::Top(a) => top(&a).await,
         cli::Command::Serve(a) => serve(&a).await,
         cli::Command::DirtyRate(a) => dirty_rate(&a).await,
     }
@@ -68,19 +71,7 @@ async fn run(command: cli::Command) -> Exit {
 
 /// One sampled snapshot: exit 0 when at least one VM answered, 3 (endpoint) when none did.
 async fn stats(a: &cli::StatsArgs) -> Exit {
-    use qmigrate::config;
-    let settings = (|| -> anyhow::Result<qmigrate::stats::SampleOptions> {
-        let interval = config::duration("interval", &a.interval)?;
-        if interval.is_zero() {
-            anyhow::bail!("--interval must be more than zero");
-        }
-        let mut opts = qmigrate::stats::SampleOptions::new(interval);
-        opts.command_timeout = config::duration("command-timeout", &a.command_timeout)?;
-        opts.vm_timeout = interval.max(Duration::from_secs(1)) + opts.command_timeout * 2;
-        opts.dirty_rate = !a.no_dirty_rate;
-        Ok(opts)
-    })();
-    let opts = match settings {
+    let opts = match sample_options(&a.interval, &a.command_timeout, a.no_dirty_rate) {
         Ok(o) => o,
         Err(e) => return fail(&e, Exit::Usage),
     };
@@ -103,23 +94,46 @@ async fn stats(a: &cli::StatsArgs) -> Exit {
     }
 }
 
+/// Validated sampling settings from the raw `--interval`, `--command-timeout` and `--no-dirty-rate`.
+fn sample_options(
+    interval: &str,
+    command_timeout: &str,
+    no_dirty_rate: bool,
+) -> anyhow::Result<qmigrate::stats::SampleOptions> {
+    use qmigrate::config;
+    let interval = config::duration("interval", interval)?;
+    if interval.is_zero() {
+        anyhow::bail!("--interval must be more than zero");
+    }
+    let mut opts = qmigrate::stats::SampleOptions::new(interval);
+    opts.command_timeout = config::duration("command-timeout", command_timeout)?;
+    opts.vm_timeout = interval.max(Duration::from_secs(1)) + opts.command_timeout * 2;
+    opts.dirty_rate = !no_dirty_rate;
+    Ok(opts)
+}
+
+/// The live view, until q.
+async fn top(a: &cli::TopArgs) -> Exit {
+    let opts = match sample_options(&a.interval, &a.command_timeout, a.no_dirty_rate) {
+        Ok(o) => o,
+        Err(e) => return fail(&e, Exit::Usage),
+    };
+    match qmigrate::top::run(a.sockets.clone(), opts).await {
+        Ok(()) => Exit::Completed,
+        Err(e) => fail(&anyhow::Error::new(e), Exit::Usage),
+    }
+}
+
 /// Serves metrics until SIGINT or SIGTERM; exit 0 after a clean stop.
 async fn serve(a: &cli::ServeArgs) -> Exit {
-    use qmigrate::config;
     use qmigrate::stats::serve::{self, ServeOptions, Target};
     let settings = (|| -> anyhow::Result<ServeOptions> {
-        let interval = config::duration("interval", &a.interval)?;
-        if interval.is_zero() {
-            anyhow::bail!("--interval must be more than zero");
-        }
         if a.max_concurrent == 0 {
             anyhow::bail!("--max-concurrent must be at least 1");
         }
-        let mut opts = ServeOptions::new(interval);
-        opts.sample.command_timeout = config::duration("command-timeout", &a.command_timeout)?;
-        opts.sample.vm_timeout =
-            interval.max(Duration::from_secs(1)) + opts.sample.command_timeout * 2;
-        opts.sample.dirty_rate = !a.no_dirty_rate;
+        let sample = sample_options(&a.interval, &a.command_timeout, a.no_dirty_rate)?;
+        let mut opts = ServeOptions::new(sample.interval);
+        opts.sample = sample;
         opts.max_concurrent_vms = a.max_concurrent;
         Ok(opts)
     })();

@@ -7,3 +7,4 @@ mod harness;
 mod migrate;
 mod qmp;
 mod stats;
+mod top;
