@@ -244,8 +244,21 @@ fn apply_tuning(req: &mut MigrationRequest, t: &cli::TuningArgs) -> anyhow::Resu
     Ok(())
 }
 
-/// Runs one migration with a progress bar on a terminal and SIGINT/SIGTERM cancelling it.
+/// Runs one migration and prints its report.
 async fn run_migration(req: &MigrationRequest, json: bool) -> Exit {
+    match migrate_with_progress(req).await {
+        Ok(report) => print_report(&report, json),
+        Err(e) => {
+            let code = e.exit();
+            fail(&anyhow::Error::new(e), code)
+        }
+    }
+}
+
+/// Runs one migration with a progress bar on a terminal and SIGINT/SIGTERM cancelling it.
+async fn migrate_with_progress(
+    req: &MigrationRequest,
+) -> Result<MigrationReport, migrate::MigrateError> {
     let cancel = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(
         cancel.clone(),
@@ -272,13 +285,7 @@ async fn run_migration(req: &MigrationRequest, json: bool) -> Exit {
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    match result {
-        Ok(report) => print_report(&report, json),
-        Err(e) => {
-            let code = e.exit();
-            fail(&anyhow::Error::new(e), code)
-        }
-    }
+    result
 }
 
 fn print_report(report: &MigrationReport, json: bool) -> Exit {
@@ -305,15 +312,18 @@ fn progress_bar() -> indicatif::ProgressBar {
 
 async fn cancel_on_signal(cancel: CancellationToken, message: &'static str) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
+    // SIGHUP too: a closed terminal must cancel (and clean up) like Ctrl-C, not kill us mid-migration.
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
     ) else {
         return;
     };
     tokio::select! {
         _ = int.recv() => {}
         _ = term.recv() => {}
+        _ = hup.recv() => {}
     }
     eprintln!("interrupted: {message}");
     cancel.cancel();
@@ -350,13 +360,7 @@ async fn demo_inner(a: &cli::DemoArgs) -> anyhow::Result<Exit> {
         Destination::Launch { qmp_path: None },
     );
     apply_tuning(&mut req, &a.tuning)?;
-    let cancel = CancellationToken::new();
-    let signals = tokio::spawn(cancel_on_signal(
-        cancel.clone(),
-        "cancelling the migration; the source keeps running",
-    ));
-    let result = migrate::migrate(&req, &cancel, &|_| {}).await;
-    signals.abort();
+    let result = migrate_with_progress(&req).await;
     let code = match result {
         Ok(report) => {
             let code = print_report(&report, a.tuning.json);
