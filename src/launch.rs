@@ -103,7 +103,7 @@ impl QemuProcess {
         &self.log_path
     }
 
-    /// Waits until the QMP socket exists, failing early (with the log's tail) if QEMU exits.
+    /// Waits until the QMP socket accepts connections, failing early (with the log's tail) if QEMU exits.
     pub async fn wait_for_socket(&mut self, timeout: Duration) -> Result<(), LaunchError> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -119,7 +119,11 @@ impl QemuProcess {
                     log_tail: log_tail(&self.log_path),
                 });
             }
-            if self.qmp_path.exists() {
+            // The socket file appears at bind(), a moment before QEMU listens: only a connection proves it ready.
+            // The probe is closed at once, which frees QMP's single client slot again.
+            if self.qmp_path.exists()
+                && std::os::unix::net::UnixStream::connect(&self.qmp_path).is_ok()
+            {
                 return Ok(());
             }
             if Instant::now() >= deadline {
