@@ -81,7 +81,8 @@ pub struct QomSet {
 }
 command!(QomSet, "qom-set", Value);
 
-/// A virtio-balloon's `guest-stats` property. Statistics the guest does not report are -1; `last-update` is 0
+/// A virtio-balloon's `guest-stats` property. Statistics the guest does not report are all ones (QEMU's uint64 -1,
+/// sent as 18446744073709551615); `last-update` is 0
 /// until the guest has answered once after `guest-stats-polling-interval` was set.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "kebab-case", default)]
@@ -93,14 +94,14 @@ pub struct GuestStats {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "kebab-case", default)]
 pub struct GuestStatsValues {
-    pub stat_free_memory: Option<i64>,
-    pub stat_available_memory: Option<i64>,
-    pub stat_total_memory: Option<i64>,
-    pub stat_swap_in: Option<i64>,
-    pub stat_swap_out: Option<i64>,
-    pub stat_major_faults: Option<i64>,
-    pub stat_minor_faults: Option<i64>,
-    pub stat_disk_caches: Option<i64>,
+    pub stat_free_memory: Option<u64>,
+    pub stat_available_memory: Option<u64>,
+    pub stat_total_memory: Option<u64>,
+    pub stat_swap_in: Option<u64>,
+    pub stat_swap_out: Option<u64>,
+    pub stat_major_faults: Option<u64>,
+    pub stat_minor_faults: Option<u64>,
+    pub stat_disk_caches: Option<u64>,
 }
 
 /// `query-blockstats`, lenient.
@@ -179,10 +180,11 @@ mod tests {
         assert_eq!(b[0].stats.wr_bytes, 20);
         assert_eq!(b[0].stats.flush_operations, 3);
         let g: GuestStats = serde_json::from_str(
-            r#"{"stats": {"stat-htlb-pgalloc": 0, "stat-swap-out": 0, "stat-available-memory": 200000000, "stat-free-memory": 190000000, "stat-total-memory": 230000000, "stat-major-faults": 12, "stat-disk-caches": -1, "stat-swap-in": 0, "stat-minor-faults": 999}, "last-update": 1700000000}"#,
+            r#"{"stats": {"stat-htlb-pgalloc": 0, "stat-swap-out": 0, "stat-available-memory": 200000000, "stat-free-memory": 190000000, "stat-total-memory": 230000000, "stat-major-faults": 12, "stat-disk-caches": 18446744073709551615, "stat-swap-in": 0, "stat-minor-faults": 999}, "last-update": 1700000000}"#,
         )
         .unwrap();
         assert_eq!(g.stats.stat_available_memory, Some(200_000_000));
-        assert_eq!(g.stats.stat_disk_caches, Some(-1));
+        // What a guest does not report, as QEMU 10 sends it (seen on a guest that never ran).
+        assert_eq!(g.stats.stat_disk_caches, Some(u64::MAX));
     }
 }

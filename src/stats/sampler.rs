@@ -17,7 +17,7 @@ use crate::qmp::stats_types::{
     QueryBlockstats, QueryCpusFast, QueryKvm, QueryMemorySizeSummary, QueryRxFilter,
 };
 use crate::qmp::types::{CalcDirtyRate, QueryDirtyRate, QueryMigrate, QueryStatus};
-use crate::qmp::{ConnectOptions, Qmp, QmpError};
+use crate::qmp::{ConnectOptions, Qmp};
 
 /// Migration states in which no dirty-rate measurement may start: it would fight the migration for the dirty log.
 const MIGRATION_ACTIVE: &[&str] = &[
@@ -300,17 +300,20 @@ async fn guest_memory(
         }
         Err(e) => return Err(e.into()),
     };
-    let stats: GuestStats = serde_json::from_value(raw).map_err(|source| QmpError::Decode {
-        socket: qmp.label().into(),
-        command: "qom-get guest-stats".into(),
-        source,
-    })?;
+    // Guest statistics are a bonus: one that cannot be read costs a note, never the VM's whole sample.
+    let stats: GuestStats = match serde_json::from_value(raw) {
+        Ok(s) => s,
+        Err(e) => {
+            notes.push(format!("balloon {path}: unreadable guest statistics ({e})"));
+            return Ok(None);
+        }
+    };
     if stats.last_update == 0 {
         notes.push("the guest has not reported memory statistics yet".into());
         return Ok(None);
     }
-    // The guest reports -1 for what it does not know.
-    let known = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+    // The guest reports all ones (uint64 -1) for what it does not know.
+    let known = |v: Option<u64>| v.filter(|v| *v != u64::MAX);
     let s = &stats.stats;
     Ok(Some(GuestMemory {
         total_bytes: known(s.stat_total_memory),
