@@ -133,12 +133,13 @@ pub struct SimulateArgs {
     pub json: bool,
 }
 
+/// The sampling flags `stats` and `top` share.
 #[derive(Debug, clap::Args)]
-pub struct StatsArgs {
+pub struct SampleArgs {
     /// QMP sockets of the VMs (a path, unix:PATH or tcp:HOST:PORT).
     #[arg(required = true)]
     pub sockets: Vec<String>,
-    /// How long every rate is measured over (the dirty rate over at least 1s).
+    /// How long every rate is measured over, and how often `top` refreshes (the dirty rate over at least 1s).
     #[arg(long, default_value = "2s")]
     pub interval: String,
     /// Bound on connecting and on each QMP command.
@@ -147,6 +148,12 @@ pub struct StatsArgs {
     /// Do not measure the dirty page rate.
     #[arg(long)]
     pub no_dirty_rate: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    #[command(flatten)]
+    pub sample: SampleArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -154,18 +161,8 @@ pub struct StatsArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct TopArgs {
-    /// QMP sockets of the VMs (a path, unix:PATH or tcp:HOST:PORT).
-    #[arg(required = true)]
-    pub sockets: Vec<String>,
-    /// How often the view refreshes; every rate is measured over it (the dirty rate over at least 1s).
-    #[arg(long, default_value = "2s")]
-    pub interval: String,
-    /// Bound on connecting and on each QMP command.
-    #[arg(long, default_value = "3s")]
-    pub command_timeout: String,
-    /// Do not measure the dirty page rate.
-    #[arg(long)]
-    pub no_dirty_rate: bool,
+    #[command(flatten)]
+    pub sample: SampleArgs,
 }
 
 #[derive(Debug, clap::Args)]

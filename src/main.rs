@@ -71,11 +71,15 @@ async fn run(command: cli::Command) -> Exit {
 
 /// One sampled snapshot: exit 0 when at least one VM answered, 3 (endpoint) when none did.
 async fn stats(a: &cli::StatsArgs) -> Exit {
-    let opts = match sample_options(&a.interval, &a.command_timeout, a.no_dirty_rate) {
+    let opts = match sample_options(
+        &a.sample.interval,
+        &a.sample.command_timeout,
+        a.sample.no_dirty_rate,
+    ) {
         Ok(o) => o,
         Err(e) => return fail(&e, Exit::Usage),
     };
-    let snapshot = qmigrate::stats::sample_round(&a.sockets, &opts).await;
+    let snapshot = qmigrate::stats::sample_round(&a.sample.sockets, &opts).await;
     if a.json {
         match serde_json::to_string_pretty(&snapshot) {
             Ok(s) => println!("{s}"),
@@ -114,11 +118,15 @@ fn sample_options(
 
 /// The live view, until q.
 async fn top(a: &cli::TopArgs) -> Exit {
-    let opts = match sample_options(&a.interval, &a.command_timeout, a.no_dirty_rate) {
+    let opts = match sample_options(
+        &a.sample.interval,
+        &a.sample.command_timeout,
+        a.sample.no_dirty_rate,
+    ) {
         Ok(o) => o,
         Err(e) => return fail(&e, Exit::Usage),
     };
-    match qmigrate::top::run(a.sockets.clone(), opts).await {
+    match qmigrate::top::run(a.sample.sockets.clone(), opts).await {
         Ok(()) => Exit::Completed,
         Err(e) => fail(&anyhow::Error::new(e), Exit::Usage),
     }
