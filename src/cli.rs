@@ -22,6 +22,10 @@ pub struct Cli {
 pub enum Command {
     /// Migrate one running VM live, with convergence control.
     Migrate(MigrateArgs),
+    /// Resume a paused postcopy (after a broken stream, also after qmigrate itself was killed) and finish it.
+    Recover(RecoverArgs),
+    /// Cancel a precopy migration under way (a postcopy cannot be cancelled); the source runs on.
+    Cancel(CancelArgs),
     /// Start a real guest with a dirtying workload, migrate it to a destination launched from its own command
     /// line, print the report and end both QEMUs.
     Demo(DemoArgs),
@@ -64,9 +68,16 @@ pub struct TuningArgs {
     /// How long to sample the dirty rate before starting (0 to skip).
     #[arg(long, default_value = "1s")]
     pub dirty_rate_sample: String,
-    /// After completion, watch the destination this long for the guest dying (then the source is resumed).
-    #[arg(long, default_value = "2s")]
+    /// Opt-in rollback: after the switch-over, watch the destination this long, and if its QEMU exits (with no
+    /// shutdown of the guest's own) or the guest panics, resume the source from the switch-over image. Off (0s)
+    /// by default: with a disk on shared storage, writes the guest made on the destination meanwhile are then seen
+    /// by an older memory image. Never after postcopy.
+    #[arg(long, default_value = "0s")]
     pub verify: String,
+    /// How long a paused postcopy (broken stream) is recovered before both QEMUs are left paused for
+    /// `qmigrate recover`.
+    #[arg(long, default_value = "5m")]
+    pub recover_for: String,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -93,8 +104,46 @@ pub struct MigrateArgs {
     /// Migration stream URI (default: a fresh UNIX socket; tcp:HOST:PORT across hosts).
     #[arg(long)]
     pub uri: Option<String>,
+    /// Take over a migration already under way on the source (a qmigrate that died): monitor, escalate,
+    /// recover, finish; or resolve one it left ended with the source stopped. With --launch-dst, the
+    /// destination is found at --dst-qmp (or the default path) instead of being launched.
+    #[arg(long)]
+    pub adopt: bool,
     #[command(flatten)]
     pub tuning: TuningArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RecoverArgs {
+    /// QMP socket of the source, whose postcopy is paused.
+    #[arg(long)]
+    pub from: String,
+    /// QMP socket of the destination.
+    #[arg(long)]
+    pub to: String,
+    /// The URI the destination listens on for the recovered stream (default: the same TCP address, or a fresh
+    /// UNIX socket).
+    #[arg(long)]
+    pub uri: Option<String>,
+    /// How long to keep trying.
+    #[arg(long, default_value = "5m")]
+    pub recover_for: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CancelArgs {
+    /// QMP socket of the source.
+    #[arg(long)]
+    pub from: String,
+    /// QMP socket of the destination (asked before the source is resumed).
+    #[arg(long)]
+    pub to: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]

@@ -18,12 +18,16 @@ pub enum Exit {
     State = 4,
     /// The migration was cancelled (timeout with `--on-timeout cancel`); the source runs on.
     Cancelled = 5,
-    /// The migration failed (QEMU reported a failure, the destination died); the source runs on.
+    /// The migration failed (QEMU reported a failure, the destination died), or was rolled back inside
+    /// `--verify`; the source runs on.
     Failed = 6,
     /// Interrupted (SIGINT/SIGTERM); the migration was cancelled and the source runs on.
     Interrupted = 7,
     /// After the migration the guest did not run exactly once. Should never happen; look at both ends.
     GuestNotRunningOnce = 8,
+    /// Postcopy paused and could not be recovered within `--recover-for`: both QEMUs are paused and alive;
+    /// `qmigrate recover --from A --to B` resumes it.
+    Paused = 9,
 }
 
 impl From<Exit> for std::process::ExitCode {

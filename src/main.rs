@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use qmigrate::exit::Exit;
-use qmigrate::migrate::{self, Destination, MigrationRequest, Progress};
+use qmigrate::migrate::{self, Destination, MigrationRequest, Progress, Takeover};
 use qmigrate::report::MigrationReport;
 use tokio_util::sync::CancellationToken;
 
@@ -29,6 +29,7 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| filter.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -51,6 +52,24 @@ async fn run(command: cli::Command) -> Exit {
                 Err(e) => return fail(&e, Exit::Usage),
             };
             run_migration(&req, a.tuning.json).await
+        }
+        cli::Command::Recover(a) => {
+            let req = match takeover_request(&a.from, &a.to, a.uri.as_deref(), Takeover::Recover)
+                .and_then(|mut r| {
+                    r.recover_for = qmigrate::config::duration("recover-for", &a.recover_for)?;
+                    Ok(r)
+                }) {
+                Ok(r) => r,
+                Err(e) => return fail(&e, Exit::Usage),
+            };
+            run_migration(&req, a.json).await
+        }
+        cli::Command::Cancel(a) => {
+            let req = match takeover_request(&a.from, &a.to, None, Takeover::Cancel) {
+                Ok(r) => r,
+                Err(e) => return fail(&e, Exit::Usage),
+            };
+            run_migration(&req, a.json).await
         }
         cli::Command::Demo(a) => demo(&a).await,
         cli::Command::Simulate(s) => {
@@ -228,7 +247,29 @@ fn migrate_request(a: &cli::MigrateArgs) -> anyhow::Result<MigrationRequest> {
     };
     let mut req = MigrationRequest::new(&a.from, destination);
     req.uri = a.uri.clone();
+    if let Some(uri) = &req.uri {
+        migrate::check_uri(uri)?;
+    }
+    if a.adopt {
+        req.takeover = Takeover::Adopt;
+    }
     apply_tuning(&mut req, &a.tuning)?;
+    Ok(req)
+}
+
+/// `recover` and `cancel`: a takeover of the migration under way between two existing QEMUs.
+fn takeover_request(
+    from: &str,
+    to: &str,
+    uri: Option<&str>,
+    takeover: Takeover,
+) -> anyhow::Result<MigrationRequest> {
+    let mut req = MigrationRequest::new(from, Destination::Qmp(to.into()));
+    if let Some(uri) = uri {
+        migrate::check_uri(uri)?;
+        req.uri = Some(uri.into());
+    }
+    req.takeover = takeover;
     Ok(req)
 }
 
@@ -249,6 +290,7 @@ fn apply_tuning(req: &mut MigrationRequest, t: &cli::TuningArgs) -> anyhow::Resu
     let sample = config::duration("dirty-rate-sample", &t.dirty_rate_sample)?;
     req.dirty_rate_sample = (!sample.is_zero()).then_some(sample);
     req.verify_window = config::duration("verify", &t.verify)?;
+    req.recover_for = config::duration("recover-for", &t.recover_for)?;
     Ok(())
 }
 
@@ -270,7 +312,7 @@ async fn migrate_with_progress(
     let cancel = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(
         cancel.clone(),
-        "cancelling the migration; the source keeps running",
+        "a precopy is cancelled and the source keeps running; a postcopy cannot be cancelled and finishes",
     ));
     let bar = std::io::stderr().is_terminal().then(progress_bar);
     let on_progress = |p: &Progress| {
@@ -338,16 +380,54 @@ async fn cancel_on_signal(cancel: CancellationToken, message: &'static str) {
 }
 
 async fn demo(a: &cli::DemoArgs) -> Exit {
+    // Bad arguments are refused before any guest starts.
+    let checked = (|| -> anyhow::Result<()> {
+        let mut probe = MigrationRequest::new("", Destination::Launch { qmp_path: None });
+        apply_tuning(&mut probe, &a.tuning)?;
+        if a.memory_mib < 64 {
+            anyhow::bail!(
+                "--memory-mib {}: the guest needs at least 64 MiB",
+                a.memory_mib
+            );
+        }
+        check_workload(&a.workload)
+    })();
+    if let Err(e) = checked {
+        return fail(&e, Exit::Usage);
+    }
     match demo_inner(a).await {
         Ok(code) => code,
         Err(e) => fail(&e, Exit::Internal),
     }
 }
 
+/// The guest image's workloads: idle, cpu, dirty:MiB[:MiB/s], web, netrecv, disk.
+fn check_workload(w: &str) -> anyhow::Result<()> {
+    let ok = match w.split(':').collect::<Vec<_>>().as_slice() {
+        ["idle" | "cpu" | "web" | "netrecv" | "disk"] => true,
+        ["dirty", mib] => mib.parse::<u32>().is_ok_and(|m| m > 0),
+        ["dirty", mib, rate] => {
+            mib.parse::<u32>().is_ok_and(|m| m > 0) && rate.parse::<u32>().is_ok()
+        }
+        _ => false,
+    };
+    if !ok {
+        anyhow::bail!(
+            "--workload {:?}: not a workload; use idle, cpu, dirty:MiB[:MiB/s], web, netrecv or disk",
+            qmigrate::text::printable(w)
+        );
+    }
+    Ok(())
+}
+
 async fn demo_inner(a: &cli::DemoArgs) -> anyhow::Result<Exit> {
     use qmigrate::testbed::{Guest, GuestSpec};
-    let run_dir = std::env::temp_dir().join(format!("qmigrate-demo-{}", std::process::id()));
-    let mut spec = GuestSpec::new("demo-vm", &a.workload, &a.guest_dir, &run_dir);
+    // A private directory of our own (mode 0700, a fresh name), never a guessable path another user could plant.
+    let run_dir = tempfile::Builder::new()
+        .prefix("qmigrate-demo-")
+        .tempdir()
+        .context("cannot create the demo's directory")?;
+    let mut spec = GuestSpec::new("demo-vm", &a.workload, &a.guest_dir, run_dir.path());
     spec.memory_mib = a.memory_mib;
     spec.accel = a.accel.clone();
     spec.qemu = a.qemu.clone();
@@ -387,6 +467,6 @@ async fn demo_inner(a: &cli::DemoArgs) -> anyhow::Result<Exit> {
         }
     };
     drop(source);
-    let _ = std::fs::remove_dir_all(&run_dir);
+    drop(run_dir);
     Ok(code)
 }

@@ -12,9 +12,37 @@ use crate::predict::Prediction;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
+    /// The guest runs on the destination.
     Completed,
+    /// Cancelled (timeout, interrupt); the source runs on.
     Cancelled,
+    /// Failed in precopy (QEMU failure, destination gone); the source runs on.
     Failed,
+    /// Completed, then rolled back inside `--verify`; the source runs on from the switch-over image.
+    RolledBack,
+    /// Postcopy paused and not recovered in time: both QEMUs are paused and alive (`qmigrate recover`).
+    Paused,
+    /// The guest is not running anywhere it can be resumed safely (a destination that died in postcopy, or a
+    /// destination that died after the switch-over without `--verify`).
+    Lost,
+}
+
+/// One phase change of the migration's state machine, with why it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseChange {
+    pub at_ms: u64,
+    pub phase: String,
+    pub why: Option<String>,
+}
+
+/// One postcopy recovery attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecoveryAttempt {
+    pub at_ms: u64,
+    pub attempt: u32,
+    pub uri: String,
+    /// `ok` or the error.
+    pub result: String,
 }
 
 /// One escalation the controller took, with the figures that triggered it.
@@ -38,6 +66,8 @@ pub struct DirtyRateBefore {
 pub struct FinalState {
     pub source: String,
     pub destination: String,
+    /// The guest shut down or reset itself on the destination after the switch-over (its own doing).
+    pub guest_shutdown: bool,
     /// How many ends run the guest: 1 is the only right answer.
     pub running_copies: u32,
 }
@@ -74,6 +104,12 @@ pub struct MigrationReport {
     pub final_state: FinalState,
     /// Cancelled because the user interrupted the run (SIGINT/SIGTERM).
     pub interrupted: bool,
+    /// This run took over a migration already under way (`--adopt`, `qmigrate recover`, `qmigrate cancel`).
+    pub adopted: bool,
+    /// Every phase the migration went through, with why.
+    pub phases: Vec<PhaseChange>,
+    /// Postcopy recovery attempts.
+    pub recoveries: Vec<RecoveryAttempt>,
     pub qemu_source: String,
     pub qemu_destination: String,
 }
@@ -88,16 +124,17 @@ pub struct ReportSettings {
 impl MigrationReport {
     /// A human-readable table.
     pub fn to_table(&self) -> String {
+        use crate::text::printable;
         let mut rows: Vec<(&str, String)> = vec![
-            ("vm", self.vm.clone()),
-            ("outcome", format!("{:?}", self.outcome).to_lowercase()),
+            ("vm", printable(&self.vm).into_owned()),
+            ("outcome", outcome_name(self.outcome).into()),
         ];
         if let Some(r) = &self.reason {
-            rows.push(("reason", r.clone()));
+            rows.push(("reason", printable(r).into_owned()));
         }
-        rows.push(("source", self.source.clone()));
-        rows.push(("destination", self.destination.clone()));
-        rows.push(("uri", self.uri.clone()));
+        rows.push(("source", printable(&self.source).into_owned()));
+        rows.push(("destination", printable(&self.destination).into_owned()));
+        rows.push(("uri", printable(&self.uri).into_owned()));
         rows.push(("total time", ms(self.total_time_ms)));
         rows.push((
             "downtime",
@@ -155,6 +192,19 @@ impl MigrationReport {
         for (k, v) in rows {
             let _ = writeln!(out, "{k:<18} {v}");
         }
+        if !self.recoveries.is_empty() {
+            let _ = writeln!(out, "postcopy recovery:");
+            for r in &self.recoveries {
+                let _ = writeln!(
+                    out,
+                    "  {:>8} attempt {:<3} {} {}",
+                    ms(r.at_ms),
+                    r.attempt,
+                    printable(&r.uri),
+                    printable(&r.result)
+                );
+            }
+        }
         if !self.escalations.is_empty() {
             let _ = writeln!(out, "escalations:");
             for e in &self.escalations {
@@ -169,6 +219,17 @@ impl MigrationReport {
             }
         }
         out
+    }
+}
+
+pub fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Completed => "completed",
+        Outcome::Cancelled => "cancelled",
+        Outcome::Failed => "failed",
+        Outcome::RolledBack => "rolled-back",
+        Outcome::Paused => "paused",
+        Outcome::Lost => "lost",
     }
 }
 

@@ -1,29 +1,35 @@
-//! One migration, from checks to verdict: connect and check both ends, measure the dirty rate and predict,
-//! set capabilities and parameters, start, follow every pass, apply the escalation ladder ([`ladder`]), handle
-//! cancellation and a dying destination, and finally check that exactly one copy of the guest runs.
-//! Decisions are made by the pure [`ladder`] and [`crate::predict`]; this module only does the I/O.
+//! One migration, from checks to verdict, as the I/O side of a state machine: connect and check both ends, measure
+//! the dirty rate and predict, set capabilities and parameters, start, then loop — gather one observation (a poll
+//! of the source, an event, the destination going away, an interrupt), ask the PURE [`machine`] what now, carry
+//! out its commands — until the machine is done, and finally read both ends to count the running copies.
+//! Escalations are decided by the PURE [`ladder`], every other "what now?" by [`machine`]; this module decides
+//! nothing itself.
 
 pub mod ladder;
+pub mod machine;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use qapi::qmp;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::exit::Exit;
 use crate::launch::{self, LaunchError, QemuProcess};
+use crate::lock::{LockError, VmLock};
 use crate::predict::{self, PrecopyInput};
 use crate::qmp::types::{
     CalcDirtyRate, CapabilityState, MigrateSetCapabilities, MigrationInfo, QueryDirtyRate,
-    QueryMigrate, QueryStatus,
+    QueryMigrate, QueryMigrateCapabilities, QueryStatus,
 };
-use crate::qmp::{ConnectOptions, PeerFeatures, Qmp, QmpError};
+use crate::qmp::{ConnectOptions, PeerFeatures, Qmp, QmpError, QmpEvent};
 use crate::report::{
-    DirtyRateBefore, Escalation, FinalState, MigrationReport, Outcome, ReportSettings,
+    DirtyRateBefore, Escalation, FinalState, MigrationReport, Outcome, PhaseChange,
+    RecoveryAttempt, ReportSettings,
 };
-use ladder::{Action, AutoConverge, Ladder, LadderSettings, Observation, Postcopy};
+use ladder::{Action, AutoConverge, Ladder, LadderSettings, Postcopy};
+use machine::{Command, EndState, GuestEvent, Machine, Observation, Phase, Rules};
 
 /// Where the guest goes.
 #[derive(Debug, Clone)]
@@ -33,6 +39,20 @@ pub enum Destination {
     /// Start one by mirroring the source's command line; its QMP socket goes to `qmp_path` (default: beside
     /// the source's, suffixed `.incoming`).
     Launch { qmp_path: Option<PathBuf> },
+}
+
+/// What to do with a migration that is already under way on the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Takeover {
+    /// Start a new migration; a migration under way is an error that suggests `--adopt`.
+    No,
+    /// `--adopt`: take over a migration under way (monitor, escalate, recover, finish), or resolve one a dead
+    /// qmigrate left behind.
+    Adopt,
+    /// `qmigrate recover`: like adopt, for a postcopy that is paused.
+    Recover,
+    /// `qmigrate cancel`: take over and cancel a precopy (a postcopy cannot be cancelled).
+    Cancel,
 }
 
 /// Everything one migration needs, validated.
@@ -48,9 +68,12 @@ pub struct MigrationRequest {
     /// How long `calc-dirty-rate` samples before the start; `None` skips the measurement.
     pub dirty_rate_sample: Option<Duration>,
     pub poll_interval: Duration,
-    /// After completion, how long to watch the destination for the guest dying (panic, reset, shutdown, QEMU
-    /// exit) before calling the migration done; if it dies, the source is resumed.
+    /// `--verify`: after completion, how long to watch the destination for its QEMU dying or the guest panicking,
+    /// and roll back to the source if it does. Zero (the default) disables rollback after the switch-over.
     pub verify_window: Duration,
+    /// `--recover-for`: how long a paused postcopy is retried before both QEMUs are left paused.
+    pub recover_for: Duration,
+    pub takeover: Takeover,
     pub connect: ConnectOptions,
 }
 
@@ -72,7 +95,9 @@ impl MigrationRequest {
             },
             dirty_rate_sample: Some(Duration::from_secs(1)),
             poll_interval: Duration::from_millis(250),
-            verify_window: Duration::from_secs(2),
+            verify_window: Duration::ZERO,
+            recover_for: Duration::from_secs(300),
+            takeover: Takeover::No,
             connect: ConnectOptions::default(),
         }
     }
@@ -87,15 +112,22 @@ pub enum MigrateError {
     Destination(#[source] QmpError),
     #[error("source {socket} is not running (state: {status})")]
     SourceNotRunning { socket: String, status: String },
-    #[error("source {socket} already has a migration in state {status}")]
+    #[error("source {socket} already has a migration in state {status} (a qmigrate that died, or another tool); take it over with `qmigrate migrate --adopt`, or cancel it with `qmigrate cancel`")]
     SourceBusy { socket: String, status: String },
+    #[error("source {socket} has no migration to {what} (migration state: {status}, run state: {run_state})")]
+    NothingToAdopt {
+        socket: String,
+        what: &'static str,
+        status: String,
+        run_state: String,
+    },
     #[error("destination {socket} is not waiting for a migration (state: {status}); start it with -incoming defer")]
     DestinationNotIncoming { socket: String, status: String },
     #[error("cannot launch a destination: the pid of the QEMU behind {socket} is unknown")]
     NoSourcePid { socket: String },
     #[error("cannot launch the destination")]
     Launch(#[source] LaunchError),
-    #[error("cannot set the migration up on {socket}")]
+    #[error("cannot set the migration up on {socket}; the capabilities changed were restored")]
     Setup {
         socket: String,
         #[source]
@@ -103,6 +135,10 @@ pub enum MigrateError {
     },
     #[error("{socket} does not support {what}")]
     Unsupported { socket: String, what: String },
+    #[error(transparent)]
+    Locked(#[from] LockError),
+    #[error("migration URI {uri:?}: {reason}")]
+    Uri { uri: String, reason: String },
     #[error("interrupted before the migration started; nothing was changed")]
     Interrupted,
 }
@@ -117,11 +153,38 @@ impl MigrateError {
             MigrateError::Launch(_) | MigrateError::NoSourcePid { .. } => Exit::Endpoint,
             MigrateError::SourceNotRunning { .. }
             | MigrateError::SourceBusy { .. }
+            | MigrateError::NothingToAdopt { .. }
             | MigrateError::DestinationNotIncoming { .. }
             | MigrateError::Setup { .. }
-            | MigrateError::Unsupported { .. } => Exit::State,
+            | MigrateError::Unsupported { .. }
+            | MigrateError::Locked(_) => Exit::State,
+            MigrateError::Uri { .. } => Exit::Usage,
             MigrateError::Interrupted => Exit::Interrupted,
         }
+    }
+}
+
+/// Checks a migration URI: `unix:PATH` and `tcp:HOST:PORT` are taken; `exec:` (it runs a shell command), `fd:`,
+/// `rdma:` and `file:` are refused with the reason.
+pub fn check_uri(uri: &str) -> Result<(), MigrateError> {
+    let err = |reason: &str| {
+        Err(MigrateError::Uri {
+            uri: crate::text::printable(uri).into_owned(),
+            reason: reason.into(),
+        })
+    };
+    let (scheme, rest) = uri.split_once(':').unwrap_or((uri, ""));
+    match scheme {
+        "unix" if !rest.is_empty() => Ok(()),
+        "tcp" => match rest.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+            _ => err("a TCP URI is tcp:HOST:PORT"),
+        },
+        "exec" => err("exec: URIs are refused: QEMU would run a shell command"),
+        "fd" | "rdma" | "file" | "vsock" => {
+            err("not supported by qmigrate; use unix:PATH or tcp:HOST:PORT")
+        }
+        _ => err("unknown scheme; use unix:PATH or tcp:HOST:PORT"),
     }
 }
 
@@ -143,26 +206,44 @@ pub struct Progress {
 impl MigrationReport {
     /// The exit status this report stands for.
     pub fn exit(&self) -> Exit {
-        if self.final_state.running_copies != 1 {
-            return Exit::GuestNotRunningOnce;
+        match self.outcome {
+            Outcome::Paused => return Exit::Paused,
+            Outcome::Lost => return Exit::GuestNotRunningOnce,
+            // A guest that powered itself off on the destination runs nowhere, by its own doing.
+            Outcome::Completed
+                if self.final_state.guest_shutdown && self.final_state.running_copies == 0 => {}
+            _ if self.final_state.running_copies != 1 => return Exit::GuestNotRunningOnce,
+            _ => {}
         }
         match self.outcome {
             Outcome::Completed => Exit::Completed,
             Outcome::Cancelled if self.interrupted => Exit::Interrupted,
             Outcome::Cancelled => Exit::Cancelled,
-            Outcome::Failed => Exit::Failed,
+            Outcome::Failed | Outcome::RolledBack => Exit::Failed,
+            Outcome::Paused => Exit::Paused,
+            Outcome::Lost => Exit::GuestNotRunningOnce,
         }
     }
 }
 
-const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound on one query of either end while the migration runs.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
+/// Consecutive unanswered polls after which the source counts as unreachable.
+const UNANSWERED_POLLS: u32 = 2;
 
-/// Runs one migration. `cancel` interrupts it (the source keeps running); `progress` is called on every poll.
+/// Runs one migration (or takes over one under way, per `req.takeover`). `cancel` interrupts it: a precopy is
+/// cancelled and the source runs on; a postcopy cannot be cancelled and finishes. `progress` is called on every
+/// poll.
 pub async fn migrate(
     req: &MigrationRequest,
     cancel: &CancellationToken,
     progress: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<MigrationReport, MigrateError> {
+    if let Some(uri) = &req.uri {
+        check_uri(uri)?;
+    }
+    // One qmigrate per VM, for the whole run.
+    let _lock = VmLock::acquire(&req.source)?;
     let src = Qmp::connect(&req.source, &req.connect)
         .await
         .map_err(MigrateError::Source)?;
@@ -171,25 +252,29 @@ pub async fn migrate(
         .execute(&QueryStatus {})
         .await
         .map_err(MigrateError::Source)?;
+    let mig = src
+        .execute(&QueryMigrate {})
+        .await
+        .map_err(MigrateError::Source)?;
+    let mig_status = mig.status.clone().unwrap_or_default();
+    if req.takeover != Takeover::No {
+        return adopt(req, src, status.status, mig, cancel, progress).await;
+    }
+    if is_in_flight(&mig_status) || (mig_status == "completed" && status.status == "postmigrate") {
+        return Err(MigrateError::SourceBusy {
+            socket: src_label,
+            status: mig_status,
+        });
+    }
     if status.status != "running" {
         return Err(MigrateError::SourceNotRunning {
             socket: src_label,
             status: status.status,
         });
     }
-    let mig = src
-        .execute(&QueryMigrate {})
-        .await
-        .map_err(MigrateError::Source)?;
-    if let Some(s) = mig.status.as_deref().filter(|s| is_in_flight(s)) {
-        return Err(MigrateError::SourceBusy {
-            socket: src_label,
-            status: s.into(),
-        });
-    }
 
     // The destination: an existing QEMU in incoming state, or one we start from the source's command line.
-    let (dst, mut dst_process) = match &req.destination {
+    let (dst, dst_process) = match &req.destination {
         Destination::Qmp(spec) => (
             Qmp::connect(spec, &req.connect)
                 .await
@@ -241,7 +326,7 @@ pub async fn migrate(
     let ram_bytes = src
         .execute(&qmp::query_memory_size_summary {})
         .await
-        .map(|m| m.base_memory + m.plugged_memory.unwrap_or(0))
+        .map(|m| m.base_memory.saturating_add(m.plugged_memory.unwrap_or(0)))
         .map_err(MigrateError::Source)?;
 
     // Measure before predicting: the sampled rate runs low, the live counters correct it later.
@@ -263,122 +348,672 @@ pub async fn migrate(
     if let Some(p) = &predicted {
         info!(vm = %src_label, verdict = ?p.verdict, passes = p.passes, "prediction: {}", p.reason);
     }
-
-    let setup = |socket: &str| {
-        let socket = socket.to_string();
-        move |source| MigrateError::Setup { socket, source }
-    };
-    set_up(&src, &src_features, &dst, req)
-        .await
-        .map_err(|(side, e)| match side {
-            Side::Source => setup(&src_label)(e),
-            Side::Destination => setup(&dst_label)(e),
-        })?;
-
-    let uri = req.uri.clone().unwrap_or_else(default_uri);
     if cancel.is_cancelled() {
         return Err(MigrateError::Interrupted);
     }
-    match dst
-        .execute(&qmp::migrate_incoming {
-            uri: Some(uri.clone()),
-            channels: None,
-            exit_on_error: None,
-        })
-        .await
-    {
-        Ok(_) => {}
-        // Started with `-incoming URI`: it already listens; the caller's --uri must match it.
-        Err(e) if req.uri.is_some() && e.to_string().contains("already") => {
-            info!(destination = %dst_label, "destination already listens; using {uri}")
-        }
-        Err(e) => return Err(setup(&dst_label)(e)),
+
+    // Set-up: what it changes on the source is undone if QEMU refuses any of it.
+    let caps_before = src.execute(&QueryMigrateCapabilities {}).await.ok();
+    let uri = req.uri.clone().unwrap_or_else(default_uri);
+    let mut run = Run::new(req, src, dst, dst_process, uri, false);
+    run.report.ram_bytes = ram_bytes;
+    run.report.dirty_rate_before = dirty_rate_before;
+    run.report.predicted = predicted;
+    run.enter(Phase::SetUp, None);
+    if let Err(e) = run.set_up(&src_features).await {
+        run.restore_capabilities(caps_before.as_deref()).await;
+        run.end_launched_destination();
+        return Err(e);
     }
-    let mut events = src.events();
-    let mut dst_events = dst.events();
-    src.execute(&qmp::migrate {
-        uri: Some(uri.clone()),
-        channels: None,
-        detach: None,
-        resume: None,
-    })
-    .await
-    .map_err(setup(&src_label))?;
-    let started = Instant::now();
-    info!(vm = %src_label, destination = %dst_label, %uri, "migration started");
+    match run.start().await {
+        Ok(()) => {}
+        Err(e) => {
+            run.restore_capabilities(caps_before.as_deref()).await;
+            run.end_launched_destination();
+            return Err(e);
+        }
+    }
+    Ok(run.drive(cancel, progress).await)
+}
 
-    let mut ladder = Ladder::new(settings.clone());
-    let mut ctl = Controls::default();
-    let mut last = MigrationInfo::default();
-    let mut max_throttle = 0u64;
-    let mut interrupted = false;
-    let mut failure: Option<String> = None;
-    let mut dst_gone = false;
-    let mut events_open = true;
-    let mut query_errors = 0u32;
-    let mut ticker = tokio::time::interval(req.poll_interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// Takes over a migration under way on the source (`--adopt`, `recover`, `cancel`).
+async fn adopt(
+    req: &MigrationRequest,
+    src: Qmp,
+    run_state: String,
+    mig: MigrationInfo,
+    cancel: &CancellationToken,
+    progress: &(dyn Fn(&Progress) + Send + Sync),
+) -> Result<MigrationReport, MigrateError> {
+    let status = mig.status.clone().unwrap_or_default();
+    let src_label = src.label().to_string();
+    let nothing = |what| MigrateError::NothingToAdopt {
+        socket: src_label.clone(),
+        what,
+        status: status.clone(),
+        run_state: run_state.clone(),
+    };
+    let adoptable = match req.takeover {
+        Takeover::Recover => status.starts_with("postcopy-"),
+        Takeover::Cancel => is_in_flight(&status),
+        _ => {
+            is_in_flight(&status)
+                // A dead qmigrate left the source stopped after a migration that ended.
+                || (matches!(status.as_str(), "completed" | "failed" | "cancelled")
+                    && run_state != "running")
+        }
+    };
+    if !adoptable {
+        return Err(nothing(match req.takeover {
+            Takeover::Recover => "recover",
+            Takeover::Cancel => "cancel",
+            _ => "adopt",
+        }));
+    }
+    let dst = match &req.destination {
+        Destination::Qmp(spec) => Qmp::connect(spec, &req.connect).await,
+        Destination::Launch { qmp_path } => {
+            let base = src_label.strip_prefix("unix:").unwrap_or(&src_label);
+            let path = qmp_path
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("{base}.incoming")));
+            Qmp::connect_unix(&path, &req.connect).await
+        }
+    }
+    .map_err(MigrateError::Destination)?;
+    let uri = req
+        .uri
+        .clone()
+        .or_else(|| mig.socket_address_uri())
+        .unwrap_or_else(default_uri);
+    info!(vm = %src_label, destination = %dst.label(), %status, "taking over the migration under way");
+    let mut run = Run::new(req, src, dst, None, uri, true);
+    run.last = mig;
+    run.report.ram_bytes = run.last.ram.as_ref().map_or(0, |r| r.total);
+    let (machine, decision) = Machine::adopting(run.machine.rules.clone(), &status, Duration::ZERO);
+    run.machine = machine;
+    run.trail(decision.why.clone());
+    run.carry_out(decision).await;
+    if req.takeover == Takeover::Cancel {
+        cancel.cancel();
+    }
+    Ok(run.drive(cancel, progress).await)
+}
 
-    let mut outcome = loop {
-        let mut forced: Option<(Action, String)> = None;
-        tokio::select! {
-            _ = ticker.tick() => {}
-            ev = events.recv(), if events_open => match ev {
-                Ok(ev) => tracing::debug!(vm = %src_label, event = %ev.name, data = %ev.data, "event"),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(_) => events_open = false,
+/// The I/O side of one migration: both connections, the machine and the ladder, and the report being built.
+struct Run<'a> {
+    req: &'a MigrationRequest,
+    src: Qmp,
+    dst: Qmp,
+    dst_process: Option<QemuProcess>,
+    src_events: tokio::sync::broadcast::Receiver<QmpEvent>,
+    dst_events: tokio::sync::broadcast::Receiver<QmpEvent>,
+    machine: Machine,
+    ladder: Ladder,
+    started: Instant,
+    last: MigrationInfo,
+    unanswered: u32,
+    interrupted: bool,
+    dst_gone_seen: bool,
+    paused_at: Option<Instant>,
+    max_throttle: u64,
+    report: MigrationReport,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        req: &'a MigrationRequest,
+        src: Qmp,
+        dst: Qmp,
+        dst_process: Option<QemuProcess>,
+        uri: String,
+        adopted: bool,
+    ) -> Run<'a> {
+        let rules = Rules {
+            verify: req.verify_window,
+            recover_for: req.recover_for,
+            timeout: req.ladder.timeout,
+            ..Rules::default()
+        };
+        let report = MigrationReport {
+            vm: src.label().to_string(),
+            source: src.label().to_string(),
+            destination: dst.label().to_string(),
+            destination_pid: dst.peer_pid(),
+            uri,
+            outcome: Outcome::Failed,
+            reason: None,
+            total_time_ms: 0,
+            downtime_ms: None,
+            migration_time_ms: 0,
+            setup_time_ms: None,
+            transferred_bytes: 0,
+            ram_bytes: 0,
+            passes: 0,
+            max_throttle_pct: 0,
+            postcopy: false,
+            postcopy_requests: 0,
+            paused_offline: false,
+            paused_ms: None,
+            escalations: Vec::new(),
+            dirty_rate_before: None,
+            predicted: None,
+            settings: ReportSettings {
+                ladder: req.ladder.clone(),
+                bandwidth_bytes_per_s: req.bandwidth_bytes_per_s,
             },
-            _ = cancel.cancelled(), if !interrupted => {
-                interrupted = true;
-                forced = Some((Action::Cancel, "interrupted".into()));
+            final_state: FinalState {
+                source: String::new(),
+                destination: String::new(),
+                guest_shutdown: false,
+                running_copies: 0,
+            },
+            interrupted: false,
+            adopted,
+            phases: Vec::new(),
+            recoveries: Vec::new(),
+            qemu_source: version_string(&src),
+            qemu_destination: version_string(&dst),
+        };
+        Run {
+            src_events: src.events(),
+            dst_events: dst.events(),
+            req,
+            src,
+            dst,
+            dst_process,
+            machine: Machine::new(rules),
+            ladder: Ladder::new(req.ladder.clone()),
+            started: Instant::now(),
+            last: MigrationInfo::default(),
+            unanswered: 0,
+            interrupted: false,
+            dst_gone_seen: false,
+            paused_at: None,
+            max_throttle: 0,
+            report,
+        }
+    }
+
+    fn now(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn vm(&self) -> &str {
+        self.src.label()
+    }
+
+    /// Records a phase change in the report's trail.
+    fn enter(&mut self, phase: Phase, why: Option<String>) {
+        self.machine.phase = phase;
+        self.trail(why);
+    }
+
+    fn trail(&mut self, why: Option<String>) {
+        let name = phase_name(&self.machine.phase);
+        let changed = self.report.phases.last().is_none_or(|p| p.phase != name);
+        if changed || why.is_some() {
+            if let Some(w) = &why {
+                info!(vm = %self.vm(), phase = name, "{w}");
             }
-            _ = dst.closed(), if !dst_gone => {
-                dst_gone = true;
-                // After a cancel the destination ends itself: that is the cancel taking effect, not a failure.
-                if ctl.cancel_reason.is_none() {
-                    let why = format!("destination {dst_label} went away mid-migration");
-                    warn!(vm = %src_label, "{why}");
-                    failure.get_or_insert(why.clone());
-                    if !ctl.postcopy {
-                        forced = Some((Action::Cancel, why));
+            self.report.phases.push(PhaseChange {
+                at_ms: self.now().as_millis() as u64,
+                phase: name.into(),
+                why,
+            });
+        }
+    }
+
+    /// Capabilities and parameters on both ends. Every capability the run depends on is set explicitly, so a
+    /// previous attempt's settings never leak into this one.
+    async fn set_up(&mut self, f: &PeerFeatures) -> Result<(), MigrateError> {
+        let req = self.req;
+        let s = &req.ladder;
+        let on_src = |source| MigrateError::Setup {
+            socket: self.src.label().to_string(),
+            source,
+        };
+        let postcopy = s.postcopy != Postcopy::Never;
+        let mut caps = vec![
+            ("events", true),
+            ("auto-converge", s.auto_converge != AutoConverge::Off),
+            ("postcopy-ram", postcopy),
+        ];
+        caps.retain(|(name, _)| f.has_capability(name));
+        self.src.execute(&cap_list(&caps)).await.map_err(on_src)?;
+        self.dst
+            .execute(&cap_list(&[("postcopy-ram", postcopy)]))
+            .await
+            .map_err(|source| MigrateError::Setup {
+                socket: self.dst.label().to_string(),
+                source,
+            })?;
+        let mut params = qmp::MigrateSetParameters {
+            downtime_limit: Some(s.downtime.as_millis() as u64),
+            max_bandwidth: Some(req.bandwidth_bytes_per_s),
+            ..Default::default()
+        };
+        match s.auto_converge {
+            // QEMU's own ramp.
+            AutoConverge::On => {
+                params.cpu_throttle_initial = Some(20);
+                params.cpu_throttle_increment = Some(10);
+                params.max_cpu_throttle = Some(99);
+            }
+            // Dormant: auto-converge cannot be switched on mid-migration, so it is on from the start with a 1 %
+            // ceiling, and the ladder lifts the ceiling when it decides to throttle.
+            AutoConverge::Auto => {
+                params.cpu_throttle_initial = Some(1);
+                params.cpu_throttle_increment = Some(1);
+                params.max_cpu_throttle = Some(1);
+            }
+            AutoConverge::Off => {}
+        }
+        if postcopy && f.has_parameter("max-postcopy-bandwidth") {
+            params.max_postcopy_bandwidth = Some(req.bandwidth_bytes_per_s);
+        }
+        self.src
+            .execute(&qmp::migrate_set_parameters(params))
+            .await
+            .map_err(on_src)?;
+        Ok(())
+    }
+
+    /// A refused set-up puts back the capabilities it had changed on the source.
+    async fn restore_capabilities(&self, before: Option<&[CapabilityState]>) {
+        let Some(before) = before else { return };
+        let wanted: Vec<&str> = vec!["events", "auto-converge", "postcopy-ram"];
+        let restore: Vec<(&str, bool)> = before
+            .iter()
+            .filter(|c| wanted.contains(&c.capability.as_str()))
+            .map(|c| (c.capability.as_str(), c.state))
+            .collect();
+        if let Err(e) = self.src.execute(&cap_list(&restore)).await {
+            warn!(vm = %self.vm(), "cannot restore the migration capabilities after a refused set-up: {e}");
+        }
+    }
+
+    fn end_launched_destination(&mut self) {
+        if let Some(p) = self.dst_process.as_mut() {
+            p.kill();
+        }
+    }
+
+    /// `migrate-incoming` on the destination, `migrate` on the source. A `migrate` that timed out is resolved by
+    /// asking the source what it did.
+    async fn start(&mut self) -> Result<(), MigrateError> {
+        let uri = self.report.uri.clone();
+        match self
+            .dst
+            .execute(&qmp::migrate_incoming {
+                uri: Some(uri.clone()),
+                channels: None,
+                exit_on_error: None,
+            })
+            .await
+        {
+            Ok(_) => {}
+            // Started with `-incoming URI`: it already listens; the caller's --uri must match it.
+            Err(e) if self.req.uri.is_some() && e.to_string().contains("already") => {
+                info!(destination = %self.dst.label(), "destination already listens; using {uri}")
+            }
+            Err(source) => {
+                return Err(MigrateError::Setup {
+                    socket: self.dst.label().to_string(),
+                    source,
+                })
+            }
+        }
+        self.src_events = self.src.events();
+        self.dst_events = self.dst.events();
+        let r = self
+            .src
+            .execute(&qmp::migrate {
+                uri: Some(uri.clone()),
+                channels: None,
+                detach: None,
+                resume: None,
+            })
+            .await;
+        self.started = Instant::now();
+        self.report.phases.clear();
+        match r {
+            Ok(_) => {}
+            Err(e @ QmpError::Command { .. }) => {
+                return Err(MigrateError::Setup {
+                    socket: self.src.label().to_string(),
+                    source: e,
+                })
+            }
+            Err(e) => {
+                // Timed out or cut: QEMU may have received it. The source decides; if it cannot be asked, the
+                // machine asks the destination.
+                warn!(vm = %self.vm(), "`migrate` got no reply ({e}); asking the source whether it started");
+                match self
+                    .src
+                    .execute_timeout(&QueryMigrate {}, QUERY_TIMEOUT)
+                    .await
+                {
+                    Ok(i)
+                        if !is_in_flight(i.status.as_deref().unwrap_or(""))
+                            && i.status.as_deref() != Some("completed") =>
+                    {
+                        return Err(MigrateError::Setup {
+                            socket: self.src.label().to_string(),
+                            source: e,
+                        })
+                    }
+                    _ => {}
+                }
+            }
+        }
+        info!(vm = %self.vm(), destination = %self.dst.label(), %uri, "migration started");
+        self.enter(
+            Phase::Precopy {
+                source_stopped: false,
+            },
+            Some(format!("migration started over {uri}")),
+        );
+        Ok(())
+    }
+
+    /// The loop: one observation at a time, the machine decides, its commands are carried out.
+    async fn drive(
+        mut self,
+        cancel: &CancellationToken,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> MigrationReport {
+        let mut ticker = tokio::time::interval(self.req.poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut src_events_open = true;
+        let mut dst_events_open = true;
+        while !self.machine.is_done() {
+            let obs = tokio::select! {
+                _ = ticker.tick() => None,
+                ev = self.src_events.recv(), if src_events_open => {
+                    match ev {
+                        Ok(ev) => debug!(vm = %self.vm(), event = %ev.name, data = %ev.data, "event"),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(_) => src_events_open = false,
+                    }
+                    continue;
+                }
+                ev = self.dst_events.recv(), if dst_events_open => match ev {
+                    Ok(ev) => guest_event(&ev).map(Observation::Guest),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
+                    Err(_) => {
+                        dst_events_open = false;
+                        None
+                    }
+                },
+                _ = cancel.cancelled(), if !self.interrupted => {
+                    self.interrupted = true;
+                    Some(Observation::Interrupt)
+                }
+                _ = self.dst.closed(), if !self.dst_gone_seen => {
+                    self.dst_gone_seen = true;
+                    Some(Observation::DestinationGone)
+                }
+            };
+            match obs {
+                Some(o) => self.feed(o).await,
+                None => {
+                    if polls_source(&self.machine.phase) {
+                        let o = self.poll_source(progress).await;
+                        if let Some(o) = o {
+                            self.feed(o).await;
+                        }
+                    }
+                    if !self.machine.is_done() {
+                        self.feed(Observation::Tick).await;
                     }
                 }
             }
         }
-        if let Some((action, reason)) = forced {
-            let pass = last.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
-            ctl.take(&src, action, reason, started.elapsed(), pass)
-                .await;
+        self.finish().await
+    }
+
+    /// Feeds one observation (and every observation its commands produce) to the machine.
+    async fn feed(&mut self, first: Observation) {
+        let mut queue = vec![first];
+        while let Some(obs) = queue.pop() {
+            if !matches!(obs, Observation::Tick | Observation::Status(_)) {
+                debug!(vm = %self.vm(), ?obs, "observation");
+            }
+            let before = phase_name(&self.machine.phase);
+            let d = self.machine.decide(&obs, self.now());
+            if d.why.is_some() || phase_name(&self.machine.phase) != before {
+                self.trail(d.why.clone());
+            }
+            if let Some(o) = self.carry_out(d).await {
+                queue.push(o);
+            }
         }
-        let info = match src.execute_timeout(&QueryMigrate {}, QUERY_TIMEOUT).await {
+    }
+
+    /// Carries out a decision's commands in order; the last one that yields an observation hands it back.
+    async fn carry_out(&mut self, d: machine::Decision) -> Option<Observation> {
+        let mut out = None;
+        for c in d.commands {
+            if let Some(o) = self.command(c).await {
+                out = Some(o);
+            }
+        }
+        out
+    }
+
+    async fn command(&mut self, c: Command) -> Option<Observation> {
+        let pass = self.last.ram.as_ref().map_or(0, |r| r.dirty_sync_count);
+        match c {
+            Command::ConsultLadder => {
+                if self.paused_at.is_some() || self.interrupted {
+                    return None;
+                }
+                let obs = ladder_observation(&self.last, self.now());
+                self.ladder.step(&obs).map(|s| Observation::Ladder {
+                    action: s.action,
+                    reason: s.reason,
+                })
+            }
+            Command::Apply(action) => {
+                let why = self
+                    .report
+                    .phases
+                    .last()
+                    .and_then(|p| p.why.clone())
+                    .unwrap_or_default();
+                self.escalate(action, why, pass).await;
+                None
+            }
+            Command::StopSource => {
+                let why = self.last_why();
+                self.escalate(Action::PauseSource, why, pass).await;
+                None
+            }
+            Command::Cancel => {
+                let why = self.last_why();
+                self.escalate(Action::Cancel, why, pass).await;
+                None
+            }
+            Command::AskDestination => {
+                Some(Observation::Destination(self.destination_state().await))
+            }
+            Command::StopDestination => {
+                if !self.dst.is_closed() {
+                    if let Err(e) = self.dst.execute_timeout(&qmp::stop {}, QUERY_TIMEOUT).await {
+                        debug!(destination = %self.dst.label(), "stop: {e}");
+                    }
+                }
+                if let Some(p) = self.dst_process.as_mut() {
+                    // We launched it: it goes entirely.
+                    p.kill();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), self.dst.closed()).await;
+                    self.dst_gone_seen = true;
+                    return Some(Observation::Destination(EndState::Gone));
+                }
+                Some(Observation::Destination(self.destination_state().await))
+            }
+            Command::ContinueDestination => {
+                if let Err(e) = self.dst.execute_timeout(&qmp::cont {}, QUERY_TIMEOUT).await {
+                    warn!(destination = %self.dst.label(), "cont: {e}");
+                }
+                None
+            }
+            Command::ResumeSourceIfPaused => {
+                self.resume_source().await;
+                None
+            }
+            Command::Recover { attempt } => self.recover(attempt).await,
+            Command::ReconnectSource => {
+                if self.src.is_closed() {
+                    let opts = ConnectOptions {
+                        handshake_timeout: QUERY_TIMEOUT,
+                        ..self.req.connect.clone()
+                    };
+                    match Qmp::connect(&self.req.source, &opts).await {
+                        Ok(q) => {
+                            info!(vm = %self.vm(), "reconnected to the source");
+                            self.src_events = q.events();
+                            self.src = q;
+                            self.unanswered = 0;
+                        }
+                        Err(e) => debug!(vm = %self.vm(), "reconnect: {e}"),
+                    }
+                }
+                None
+            }
+            Command::Notice(text) => {
+                warn!(vm = %self.vm(), "{text}");
+                self.trail(Some(text));
+                None
+            }
+        }
+    }
+
+    fn last_why(&self) -> String {
+        self.report
+            .phases
+            .last()
+            .and_then(|p| p.why.clone())
+            .unwrap_or_default()
+    }
+
+    /// Carries out one ladder action on the source and records it.
+    async fn escalate(&mut self, action: Action, reason: String, pass: u64) {
+        info!(vm = %self.vm(), pass, ?action, "escalation: {reason}");
+        let src = &self.src;
+        let r = match &action {
+            Action::RaiseDowntime { to } => src
+                .execute_timeout(
+                    &qmp::migrate_set_parameters(qmp::MigrateSetParameters {
+                        downtime_limit: Some(to.as_millis() as u64),
+                        ..Default::default()
+                    }),
+                    QUERY_TIMEOUT,
+                )
+                .await
+                .map(drop),
+            Action::Throttle {
+                initial_pct,
+                increment_pct,
+                max_pct,
+            } => src
+                .execute_timeout(
+                    &qmp::migrate_set_parameters(qmp::MigrateSetParameters {
+                        cpu_throttle_initial: Some(*initial_pct),
+                        cpu_throttle_increment: Some(*increment_pct),
+                        max_cpu_throttle: Some(*max_pct),
+                        ..Default::default()
+                    }),
+                    QUERY_TIMEOUT,
+                )
+                .await
+                .map(drop),
+            Action::StartPostcopy => src
+                .execute_timeout(&qmp::migrate_start_postcopy {}, QUERY_TIMEOUT)
+                .await
+                .map(drop),
+            Action::Cancel => src
+                .execute_timeout(&qmp::migrate_cancel {}, QUERY_TIMEOUT)
+                .await
+                .map(drop),
+            Action::PauseSource => {
+                let r = src
+                    .execute_timeout(&qmp::stop {}, QUERY_TIMEOUT)
+                    .await
+                    .map(drop);
+                if r.is_ok() {
+                    self.paused_at = Some(Instant::now());
+                }
+                r
+            }
+        };
+        if let Err(e) = r {
+            warn!(vm = %self.vm(), ?action, "escalation step failed: {e}");
+        }
+        self.report.escalations.push(Escalation {
+            at_ms: self.now().as_millis() as u64,
+            pass,
+            action,
+            reason,
+        });
+    }
+
+    /// `query-migrate` on the source, as an observation; `None` while an unanswered poll is not yet conclusive.
+    async fn poll_source(
+        &mut self,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Option<Observation> {
+        if self.src.is_closed() {
+            return Some(Observation::SourceUnreachable { closed: true });
+        }
+        let info = match self
+            .src
+            .execute_timeout(&QueryMigrate {}, QUERY_TIMEOUT)
+            .await
+        {
             Ok(i) => {
-                query_errors = 0;
+                self.unanswered = 0;
                 i
             }
             Err(e) if e.is_closed() => {
-                failure.get_or_insert(format!("lost the source QMP connection: {e}"));
-                break Outcome::Failed;
+                warn!(vm = %self.vm(), "{e}");
+                return Some(Observation::SourceUnreachable { closed: true });
             }
             Err(e) => {
-                query_errors += 1;
-                warn!(vm = %src_label, "query-migrate: {e}");
-                if query_errors >= 5 {
-                    failure.get_or_insert(format!("source stopped answering: {e}"));
-                    break Outcome::Failed;
-                }
-                continue;
+                self.unanswered += 1;
+                warn!(vm = %self.vm(), "query-migrate: {e}");
+                return (self.unanswered >= UNANSWERED_POLLS)
+                    .then_some(Observation::SourceUnreachable { closed: false });
             }
         };
         let status = info.status.clone().unwrap_or_default();
-        max_throttle = max_throttle.max(info.cpu_throttle_percentage.unwrap_or(0));
-        let ram = info.ram.clone().unwrap_or_default();
-        let obs = Observation {
-            elapsed: started.elapsed(),
-            pass: ram.dirty_sync_count,
-            remaining_bytes: ram.remaining,
-            throughput_bytes_per_s: ram.mbps * 1e6 / 8.0,
-            dirty_rate_bytes_per_s: (ram.dirty_pages_rate * ram.page_size.max(4096)) as f64,
-        };
+        self.max_throttle = self
+            .max_throttle
+            .max(info.cpu_throttle_percentage.unwrap_or(0));
+        if status == "completed" {
+            // QEMU flips the status before it fills in total-time and downtime.
+            let mut info = info;
+            for _ in 0..20 {
+                if info.total_time.unwrap_or(0) > 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                match self
+                    .src
+                    .execute_timeout(&QueryMigrate {}, QUERY_TIMEOUT)
+                    .await
+                {
+                    Ok(i) => info = i,
+                    Err(_) => break,
+                }
+            }
+            self.remember(info);
+        } else {
+            self.remember(info);
+        }
+        let obs = ladder_observation(&self.last, self.now());
+        let ram = self.last.ram.clone().unwrap_or_default();
         progress(&Progress {
             elapsed: obs.elapsed,
             status: status.clone(),
@@ -388,190 +1023,276 @@ pub async fn migrate(
             transferred_bytes: ram.transferred,
             throughput_bytes_per_s: obs.throughput_bytes_per_s,
             dirty_rate_bytes_per_s: obs.dirty_rate_bytes_per_s,
-            throttle_pct: info.cpu_throttle_percentage.unwrap_or(0),
-            downtime_limit: ladder.downtime(),
+            throttle_pct: self.last.cpu_throttle_percentage.unwrap_or(0),
+            downtime_limit: self.ladder.downtime(),
         });
-        // A cancelled or failed migration reports no RAM figures: keep the last ones seen.
-        let ram_before = last.ram.take();
-        last = info;
-        if last.ram.is_none() {
-            last.ram = ram_before;
+        Some(Observation::Status(status))
+    }
+
+    /// Keeps the newest figures; a cancelled or failed migration reports none, so the last ones seen stay.
+    fn remember(&mut self, info: MigrationInfo) {
+        let ram_before = self.last.ram.take();
+        self.last = info;
+        if self.last.ram.is_none() {
+            self.last.ram = ram_before;
         }
-        match status.as_str() {
-            "completed" => {
-                // QEMU flips the status before it fills in total-time and downtime: read again until it has.
-                for _ in 0..20 {
-                    if last.total_time.unwrap_or(0) > 0 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    match src.execute_timeout(&QueryMigrate {}, QUERY_TIMEOUT).await {
-                        Ok(i) if i.ram.is_some() => last = i,
-                        Ok(i) => {
-                            last.total_time = i.total_time;
-                            last.downtime = i.downtime;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                break Outcome::Completed;
+    }
+
+    async fn destination_state(&mut self) -> EndState {
+        if self.dst.is_closed() {
+            return EndState::Gone;
+        }
+        match self
+            .dst
+            .execute_timeout(&QueryStatus {}, QUERY_TIMEOUT)
+            .await
+        {
+            Ok(s) => EndState::from_status(&s.status),
+            Err(e) if e.is_closed() => EndState::Gone,
+            Err(e) => {
+                warn!(destination = %self.dst.label(), "query-status: {e}");
+                EndState::Unknown
             }
-            "failed" => {
-                let desc = last
-                    .error_desc
-                    .clone()
-                    .unwrap_or_else(|| "no reason given".into());
-                failure.get_or_insert(format!("QEMU reports the migration failed: {desc}"));
-                break Outcome::Failed;
-            }
-            "cancelled" => {
-                break if failure.is_some() {
-                    Outcome::Failed
-                } else {
-                    Outcome::Cancelled
-                };
-            }
-            "postcopy-paused" | "postcopy-recover" | "postcopy-recover-setup" => {
-                failure.get_or_insert(format!(
-                    "postcopy stalled ({status}): the destination {dst_label} is unreachable and holds part of the guest's memory"
-                ));
-                break Outcome::Failed;
-            }
-            "postcopy-active" => ctl.postcopy = true,
-            "active" | "setup" | "pre-switchover" | "device" | "wait-unplug"
-                if ctl.paused_at.is_none() && !interrupted && !dst_gone =>
+        }
+    }
+
+    /// `cont` on the source if it is paused. The machine emits this only once the destination is known not to
+    /// run the guest.
+    async fn resume_source(&mut self) {
+        for _ in 0..10 {
+            match self
+                .src
+                .execute_timeout(&QueryStatus {}, QUERY_TIMEOUT)
+                .await
             {
-                if let Some(step) = ladder.step(&obs) {
-                    ctl.take(&src, step.action, step.reason, obs.elapsed, obs.pass)
-                        .await;
+                Ok(s) if s.status == "running" => return,
+                Ok(s) if matches!(s.status.as_str(), "paused" | "postmigrate") => {
+                    match self.src.execute_timeout(&qmp::cont {}, QUERY_TIMEOUT).await {
+                        Ok(_) => {
+                            info!(vm = %self.vm(), "resumed the source");
+                            return;
+                        }
+                        Err(e) => warn!(vm = %self.vm(), "cont: {e}"),
+                    }
+                }
+                // finish-migrate, or a cancel still settling: give QEMU a moment.
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(vm = %self.vm(), "query-status: {e}");
+                    if e.is_closed() {
+                        return;
+                    }
                 }
             }
-            _ => {}
-        }
-    };
-    let wall_ms = started.elapsed().as_millis() as u64;
-    if outcome == Outcome::Failed {
-        // A destination that died breaks the stream before its QMP socket reports EOF: give it a moment.
-        let _ = tokio::time::timeout(Duration::from_millis(500), dst.closed()).await;
-    }
-    if outcome == Outcome::Failed && ctl.cancel_reason.is_none() && dst.is_closed() {
-        if let Some(f) = failure.as_mut().filter(|f| !f.contains(&dst_label)) {
-            *f = format!("destination {dst_label} went away mid-migration ({f})");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    // The verdict: where does the guest run now?
-    let completed = outcome == Outcome::Completed;
-    let mut paused_ms = None;
-    if completed {
-        let d = dst
-            .execute_timeout(&QueryStatus {}, QUERY_TIMEOUT)
+    /// One postcopy recovery attempt: `migrate-recover` on the destination (it listens again), `migrate` with
+    /// `resume: true` on the source.
+    async fn recover(&mut self, attempt: u32) -> Option<Observation> {
+        let uri = recovery_uri(&self.report.uri, attempt);
+        info!(vm = %self.vm(), attempt, %uri, "postcopy recovery attempt");
+        let at_ms = self.now().as_millis() as u64;
+        let record = |run: &mut Run, result: String| {
+            run.report.recoveries.push(RecoveryAttempt {
+                at_ms,
+                attempt,
+                uri: uri.clone(),
+                result,
+            });
+        };
+        // The destination must itself have noticed the broken stream before it accepts migrate-recover.
+        let dst_status = self
+            .dst
+            .execute_timeout(&QueryMigrate {}, QUERY_TIMEOUT)
             .await
-            .ok();
-        if d.as_ref()
-            .is_some_and(|s| s.status == "paused" || s.status == "postmigrate")
-        {
-            // Stopped offline (or started with -S): the guest was running before, so it runs on after.
-            if let Err(e) = dst.execute(&qmp::cont {}).await {
-                warn!(destination = %dst_label, "cont: {e}");
+            .ok()
+            .and_then(|i| i.status)
+            .unwrap_or_default();
+        if dst_status == "postcopy-paused" {
+            if let Err(e) = self
+                .dst
+                .execute_timeout(&qmp::migrate_recover { uri: uri.clone() }, QUERY_TIMEOUT)
+                .await
+            {
+                let e = e.to_string();
+                record(self, format!("migrate-recover: {e}"));
+                return Some(Observation::RecoverFailed(e));
             }
+        } else if dst_status != "postcopy-recover-setup" && dst_status != "postcopy-recover" {
+            let e = format!("the destination reports {dst_status:?}, not postcopy-paused");
+            record(self, e.clone());
+            return Some(Observation::RecoverFailed(e));
         }
-        paused_ms = ctl.paused_at.map(|t| t.elapsed().as_millis() as u64);
-        info!(vm = %src_label, destination = %dst_label, "switched over; watching the destination for {}", humantime::format_duration(req.verify_window));
-        if let Some(death) = watch_destination(&dst, &mut dst_events, req.verify_window).await {
-            // The guest died on the destination right after switching over. The source still holds a consistent
-            // image of the switch-over moment: resuming it keeps the guest running, exactly once.
-            let why = format!(
-                "the guest died on destination {dst_label} within {} of switching over ({death}); resumed on the source",
-                humantime::format_duration(req.verify_window)
-            );
-            warn!(vm = %src_label, "{why}");
-            failure = Some(why);
-            outcome = Outcome::Failed;
-            if let Err(e) = src.execute(&qmp::cont {}).await {
-                warn!(vm = %src_label, "cont after the destination died: {e}");
-            }
-            if let Some(p) = dst_process.as_mut() {
-                p.kill();
-            }
-        }
-    } else {
-        // The source must run on: resume it if we stopped it, end the destination if we started it.
-        let s = src
-            .execute_timeout(&QueryStatus {}, QUERY_TIMEOUT)
+        match self
+            .src
+            .execute_timeout(
+                &qmp::migrate {
+                    uri: Some(uri.clone()),
+                    channels: None,
+                    detach: None,
+                    resume: Some(true),
+                },
+                QUERY_TIMEOUT,
+            )
             .await
-            .ok();
-        if s.as_ref()
-            .is_some_and(|s| s.status == "paused" || s.status == "postmigrate")
-            && !ctl.postcopy
         {
-            if let Err(e) = src.execute(&qmp::cont {}).await {
-                warn!(vm = %src_label, "cont after {:?}: {e}", outcome);
+            Ok(_) => {
+                record(self, "ok".into());
+                self.report.uri = uri;
+                None
             }
-        }
-        if let Some(p) = dst_process.as_mut() {
-            p.kill();
+            Err(e) => {
+                let e = e.to_string();
+                record(self, format!("migrate resume: {e}"));
+                Some(Observation::RecoverFailed(e))
+            }
         }
     }
-    let completed = outcome == Outcome::Completed;
-    let final_state = final_state(&src, &dst, completed).await;
-    if completed {
-        if let Some(p) = dst_process.take() {
-            if final_state.destination == "running" {
+
+    /// Reads both ends, counts the running copies and builds the report.
+    async fn finish(mut self) -> MigrationReport {
+        let (outcome, why) = self
+            .machine
+            .outcome()
+            .map(|(o, w)| (o, w.map(String::from)))
+            .unwrap_or((machine::Outcome::Lost, None));
+        let outcome = match outcome {
+            machine::Outcome::Completed => Outcome::Completed,
+            machine::Outcome::Cancelled => Outcome::Cancelled,
+            machine::Outcome::Failed => Outcome::Failed,
+            machine::Outcome::RolledBack => Outcome::RolledBack,
+            machine::Outcome::Paused => Outcome::Paused,
+            machine::Outcome::Lost => Outcome::Lost,
+        };
+        let guest_shutdown = self.report.phases.iter().any(|p| {
+            p.why.as_deref().is_some_and(|w| {
+                w.contains("reset or shut down") || w.contains("shut down or reset")
+            })
+        });
+        let wall_ms = self.now().as_millis() as u64;
+        let completed = outcome == Outcome::Completed;
+        let final_state = final_state(&self.src, &self.dst, completed, guest_shutdown).await;
+        if let Some(p) = self.dst_process.take() {
+            if final_state.destination == "running" || outcome == Outcome::Paused || completed {
+                // It carries the guest (or half of it, paused): it must outlive us.
                 p.detach();
+            } else {
+                drop(p);
             }
         }
+        if outcome != Outcome::Paused {
+            for uri in std::iter::once(self.report.uri.clone()) {
+                if let Some(path) = uri.strip_prefix("unix:") {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+        }
+        let ram = self.last.ram.clone().unwrap_or_default();
+        let total_time_ms = if completed {
+            self.last.total_time.unwrap_or(wall_ms)
+        } else {
+            wall_ms
+        };
+        let downtime_ms = if completed { self.last.downtime } else { None };
+        let r = &mut self.report;
+        r.outcome = outcome;
+        r.reason = if completed { None } else { why };
+        r.total_time_ms = total_time_ms;
+        r.downtime_ms = downtime_ms;
+        r.migration_time_ms = total_time_ms.saturating_sub(downtime_ms.unwrap_or(0));
+        r.setup_time_ms = self.last.setup_time;
+        r.transferred_bytes = ram.transferred;
+        if r.ram_bytes == 0 {
+            r.ram_bytes = ram.total;
+        }
+        r.passes = ram.dirty_sync_count;
+        r.max_throttle_pct = self.max_throttle;
+        r.postcopy = self.machine.postcopy_started;
+        r.postcopy_requests = ram.postcopy_requests;
+        r.paused_offline = self.paused_at.is_some();
+        r.paused_ms = self
+            .paused_at
+            .filter(|_| completed)
+            .map(|t| t.elapsed().as_millis() as u64);
+        r.final_state = final_state;
+        r.interrupted = self.interrupted;
+        info!(vm = %r.vm, outcome = ?r.outcome, total_ms = r.total_time_ms, "migration finished");
+        self.report
     }
-    if let Some(path) = uri.strip_prefix("unix:") {
-        let _ = std::fs::remove_file(path);
-    }
+}
 
-    let ram = last.ram.clone().unwrap_or_default();
-    let total_time_ms = if completed {
-        last.total_time.unwrap_or(wall_ms)
-    } else {
-        wall_ms
-    };
-    let downtime_ms = if completed { last.downtime } else { None };
-    let reason = match outcome {
-        Outcome::Completed => None,
-        Outcome::Cancelled => ctl.cancel_reason.or(failure),
-        Outcome::Failed => failure.or(ctl.cancel_reason),
-    };
-    let report = MigrationReport {
-        vm: src_label.clone(),
-        source: src_label,
-        destination: dst_label,
-        destination_pid: dst.peer_pid(),
-        uri,
-        outcome,
-        reason,
-        total_time_ms,
-        downtime_ms,
-        migration_time_ms: total_time_ms.saturating_sub(downtime_ms.unwrap_or(0)),
-        setup_time_ms: last.setup_time,
-        transferred_bytes: ram.transferred,
-        ram_bytes,
-        passes: ram.dirty_sync_count,
-        max_throttle_pct: max_throttle,
-        postcopy: ctl.postcopy,
-        postcopy_requests: ram.postcopy_requests,
-        paused_offline: ctl.paused_at.is_some(),
-        paused_ms,
-        escalations: ctl.escalations,
-        dirty_rate_before,
-        predicted,
-        settings: ReportSettings {
-            ladder: settings.clone(),
-            bandwidth_bytes_per_s: req.bandwidth_bytes_per_s,
+impl MigrationInfo {
+    /// The URI of a migration under way, when QEMU reports it (QEMU reports none for most transports).
+    fn socket_address_uri(&self) -> Option<String> {
+        None
+    }
+}
+
+fn cap_list(caps: &[(&str, bool)]) -> MigrateSetCapabilities {
+    MigrateSetCapabilities {
+        capabilities: caps
+            .iter()
+            .map(|(c, on)| CapabilityState {
+                capability: c.to_string(),
+                state: *on,
+            })
+            .collect(),
+    }
+}
+
+/// The figures the ladder decides on, from `query-migrate`; peer figures saturate instead of overflowing.
+fn ladder_observation(info: &MigrationInfo, elapsed: Duration) -> ladder::Observation {
+    let ram = info.ram.clone().unwrap_or_default();
+    ladder::Observation {
+        elapsed,
+        pass: ram.dirty_sync_count,
+        remaining_bytes: ram.remaining,
+        throughput_bytes_per_s: if ram.mbps.is_finite() {
+            ram.mbps.max(0.0) * 1e6 / 8.0
+        } else {
+            0.0
         },
-        final_state,
-        interrupted,
-        qemu_source: version_string(&src),
-        qemu_destination: version_string(&dst),
-    };
-    info!(vm = %report.vm, outcome = ?report.outcome, total_ms = report.total_time_ms, "migration finished");
-    Ok(report)
+        dirty_rate_bytes_per_s: ram.dirty_pages_rate.saturating_mul(ram.page_size.max(4096)) as f64,
+    }
+}
+
+/// Which phases poll the source's migration status.
+fn polls_source(p: &Phase) -> bool {
+    matches!(
+        p,
+        Phase::Precopy { .. }
+            | Phase::Cancelling { .. }
+            | Phase::Postcopy
+            | Phase::PostcopyPaused { .. }
+            | Phase::SourceLost { .. }
+    )
+}
+
+/// A guest event on the destination that the machine cares about.
+fn guest_event(ev: &QmpEvent) -> Option<GuestEvent> {
+    match ev.name.as_str() {
+        "RESET" | "SHUTDOWN" => Some(GuestEvent::ResetOrShutdown),
+        "GUEST_PANICKED" | "GUEST_CRASHLOADED" => Some(GuestEvent::Panicked),
+        _ => None,
+    }
+}
+
+fn phase_name(p: &Phase) -> &'static str {
+    p.name()
+}
+
+/// The URI a recovery listens on: the same TCP address (QEMU closed its listener once the first connection came),
+/// a fresh UNIX path per attempt (the old one may still exist).
+pub fn recovery_uri(uri: &str, attempt: u32) -> String {
+    match uri.strip_prefix("unix:") {
+        Some(path) => {
+            let base = path.split(".recover-").next().unwrap_or(path);
+            format!("unix:{base}.recover-{attempt}")
+        }
+        None => uri.to_string(),
+    }
 }
 
 fn is_in_flight(status: &str) -> bool {
@@ -612,15 +1333,46 @@ async fn launch_destination(
     let pid = src.peer_pid().ok_or_else(|| MigrateError::NoSourcePid {
         socket: src_socket.clone(),
     })?;
-    let (program, args) = launch::process_command_line(pid).map_err(MigrateError::Launch)?;
+    // The peer must be QEMU, by its executable and by its answer; the destination runs as the source's user.
+    let identity = launch::qemu_identity(pid).map_err(MigrateError::Launch)?;
+    src.execute(&qmp::query_version {})
+        .await
+        .map_err(MigrateError::Source)?;
+    let (_, args) = launch::process_command_line(pid).map_err(MigrateError::Launch)?;
     let dst_path = qmp_path.unwrap_or_else(|| PathBuf::from(format!("{src_socket}.incoming")));
-    let _ = std::fs::remove_file(&dst_path);
-    let dst_args =
-        launch::mirror_destination_args(&args, &src_socket, &dst_path.display().to_string());
+    launch::prepare_socket_path(&dst_path).map_err(MigrateError::Launch)?;
+    // The command line names the socket as QEMU was told; --from may spell it otherwise (DIR/./vm.sock).
+    let canonical = std::fs::canonicalize(&src_socket)
+        .map(|p| p.display().to_string())
+        .unwrap_or(src_socket.clone());
+    let mirrored = launch::mirror_destination(
+        &args,
+        &canonical,
+        &dst_path.display().to_string(),
+        "incoming",
+    )
+    .or_else(|_| {
+        launch::mirror_destination(
+            &args,
+            &src_socket,
+            &dst_path.display().to_string(),
+            "incoming",
+        )
+    })
+    .map_err(|e| MigrateError::Launch(LaunchError::Mirror(e)))?;
+    for (old, new) in &mirrored.rewritten {
+        debug!(source_pid = pid, "mirror: {old} -> {new}");
+    }
     let log = PathBuf::from(format!("{}.log", dst_path.display()));
-    info!(source_pid = pid, qmp = %dst_path.display(), "launching the destination QEMU");
+    info!(source_pid = pid, qmp = %dst_path.display(), uid = identity.uid, "launching the destination QEMU");
+    let options = launch::SpawnOptions {
+        run_as: Some((identity.uid, identity.gid)),
+        current_dir: std::fs::read_link(format!("/proc/{pid}/cwd")).ok(),
+        fresh_log: false,
+    };
     let mut process =
-        QemuProcess::spawn(&program, &dst_args, &dst_path, &log).map_err(MigrateError::Launch)?;
+        QemuProcess::spawn_as(&identity.exe, &mirrored.args, &dst_path, &log, &options)
+            .map_err(MigrateError::Launch)?;
     process
         .wait_for_socket(Duration::from_secs(10))
         .await
@@ -664,168 +1416,8 @@ async fn measure_dirty_rate(src: &Qmp, sample: Duration) -> Option<DirtyRateBefo
     None
 }
 
-enum Side {
-    Source,
-    Destination,
-}
-
-/// Capabilities and parameters on both ends. Every capability the run depends on is set explicitly, so a
-/// previous attempt's settings never leak into this one.
-async fn set_up(
-    src: &Qmp,
-    f: &PeerFeatures,
-    dst: &Qmp,
-    req: &MigrationRequest,
-) -> Result<(), (Side, QmpError)> {
-    let s = &req.ladder;
-    let postcopy = s.postcopy != Postcopy::Never;
-    let mut caps = vec![
-        ("events", true),
-        ("auto-converge", s.auto_converge != AutoConverge::Off),
-        ("postcopy-ram", postcopy),
-    ];
-    caps.retain(|(name, on)| f.has_capability(name) || !on);
-    caps.retain(|(name, _)| f.has_capability(name));
-    let cap_list = |caps: &[(&str, bool)]| MigrateSetCapabilities {
-        capabilities: caps
-            .iter()
-            .map(|(c, on)| CapabilityState {
-                capability: c.to_string(),
-                state: *on,
-            })
-            .collect(),
-    };
-    src.execute(&cap_list(&caps))
-        .await
-        .map_err(|e| (Side::Source, e))?;
-    dst.execute(&cap_list(&[("postcopy-ram", postcopy)]))
-        .await
-        .map_err(|e| (Side::Destination, e))?;
-
-    let mut params = qmp::MigrateSetParameters {
-        downtime_limit: Some(s.downtime.as_millis() as u64),
-        max_bandwidth: Some(req.bandwidth_bytes_per_s),
-        ..Default::default()
-    };
-    match s.auto_converge {
-        // QEMU's own ramp.
-        AutoConverge::On => {
-            params.cpu_throttle_initial = Some(20);
-            params.cpu_throttle_increment = Some(10);
-            params.max_cpu_throttle = Some(99);
-        }
-        // Dormant: auto-converge cannot be switched on mid-migration, so it is on from the start with a 1 %
-        // ceiling, and the ladder lifts the ceiling when it decides to throttle.
-        AutoConverge::Auto => {
-            params.cpu_throttle_initial = Some(1);
-            params.cpu_throttle_increment = Some(1);
-            params.max_cpu_throttle = Some(1);
-        }
-        AutoConverge::Off => {}
-    }
-    if postcopy && f.has_parameter("max-postcopy-bandwidth") {
-        params.max_postcopy_bandwidth = Some(req.bandwidth_bytes_per_s);
-    }
-    src.execute(&qmp::migrate_set_parameters(params))
-        .await
-        .map_err(|e| (Side::Source, e))?;
-    Ok(())
-}
-
-/// The controls taken during one migration, and what they left behind.
-#[derive(Default)]
-struct Controls {
-    escalations: Vec<Escalation>,
-    cancel_reason: Option<String>,
-    postcopy: bool,
-    /// When the guest was stopped to finish offline.
-    paused_at: Option<Instant>,
-}
-
-impl Controls {
-    /// Carries out `action` on the source and records it with its reason.
-    async fn take(&mut self, src: &Qmp, action: Action, reason: String, at: Duration, pass: u64) {
-        info!(vm = %src.label(), pass, ?action, "escalation: {reason}");
-        apply(src, &action, &mut self.paused_at).await;
-        match action {
-            Action::StartPostcopy => self.postcopy = true,
-            Action::Cancel => {
-                self.cancel_reason.get_or_insert(reason.clone());
-            }
-            _ => {}
-        }
-        self.escalations.push(Escalation {
-            at_ms: at.as_millis() as u64,
-            pass,
-            action,
-            reason,
-        });
-    }
-}
-
-/// Carries out one ladder action on the source. Failures are logged: the next poll shows their effect.
-async fn apply(src: &Qmp, action: &Action, paused_at: &mut Option<Instant>) {
-    let r = match action {
-        Action::RaiseDowntime { to } => src
-            .execute(&qmp::migrate_set_parameters(qmp::MigrateSetParameters {
-                downtime_limit: Some(to.as_millis() as u64),
-                ..Default::default()
-            }))
-            .await
-            .map(drop),
-        Action::Throttle {
-            initial_pct,
-            increment_pct,
-            max_pct,
-        } => src
-            .execute(&qmp::migrate_set_parameters(qmp::MigrateSetParameters {
-                cpu_throttle_initial: Some(*initial_pct),
-                cpu_throttle_increment: Some(*increment_pct),
-                max_cpu_throttle: Some(*max_pct),
-                ..Default::default()
-            }))
-            .await
-            .map(drop),
-        Action::StartPostcopy => src.execute(&qmp::migrate_start_postcopy {}).await.map(drop),
-        Action::Cancel => src.execute(&qmp::migrate_cancel {}).await.map(drop),
-        Action::PauseSource => {
-            let r = src.execute(&qmp::stop {}).await.map(drop);
-            if r.is_ok() {
-                *paused_at = Some(Instant::now());
-            }
-            r
-        }
-    };
-    if let Err(e) = r {
-        warn!(vm = %src.label(), ?action, "escalation step failed: {e}");
-    }
-}
-
-/// Watches a destination that has just taken over the guest for `window`: its QMP connection closing, or an event
-/// saying the guest panicked, reset or shut down. Returns what happened, or `None` if it survived.
-async fn watch_destination(
-    dst: &Qmp,
-    events: &mut tokio::sync::broadcast::Receiver<crate::qmp::QmpEvent>,
-    window: Duration,
-) -> Option<String> {
-    let deadline = tokio::time::Instant::now() + window;
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline) => return None,
-            _ = dst.closed() => return Some("its QEMU exited".into()),
-            ev = events.recv() => match ev {
-                Ok(ev) if matches!(ev.name.as_str(), "GUEST_PANICKED" | "GUEST_CRASHLOADED" | "SHUTDOWN" | "RESET") => {
-                    return Some(format!("{} {}", ev.name, ev.data));
-                }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(_) => return Some("its QMP connection ended".into()),
-            },
-        }
-    }
-}
-
 /// Reads both ends' run state and counts the running copies.
-async fn final_state(src: &Qmp, dst: &Qmp, completed: bool) -> FinalState {
+async fn final_state(src: &Qmp, dst: &Qmp, completed: bool, guest_shutdown: bool) -> FinalState {
     let state = |q: &Qmp| {
         let q = q.clone();
         async move {
@@ -854,6 +1446,7 @@ async fn final_state(src: &Qmp, dst: &Qmp, completed: bool) -> FinalState {
     FinalState {
         source,
         destination,
+        guest_shutdown,
         running_copies,
     }
 }

@@ -417,3 +417,162 @@ pub fn metric_value(
             _ => None,
         })
 }
+
+impl Bed {
+    /// Starts a destination like [`Bed::destination`], letting the test adjust its spec first.
+    pub async fn destination_with(
+        &mut self,
+        name: &str,
+        adjust: impl FnOnce(&mut GuestSpec),
+    ) -> PathBuf {
+        let mut spec = self.spec(name, "idle");
+        spec.incoming = true;
+        adjust(&mut spec);
+        let g = Guest::launch(spec).await.expect("start the destination");
+        let _ = std::fs::write(pid_file(g.pid()), "");
+        let qmp = g.qmp_path();
+        self.guests.push(g);
+        qmp
+    }
+}
+
+/// Adds a second QMP monitor at `QMP.mon2` to a spec, for an independent client while qmigrate holds the first
+/// (QEMU serves one client per socket). Returns its path.
+pub fn second_monitor(spec: &mut GuestSpec) -> PathBuf {
+    let path = PathBuf::from(format!("{}.mon2", spec.qmp_path().display()));
+    spec.extra_args.extend([
+        "-qmp".to_string(),
+        format!("unix:{},server=on,wait=off", path.display()),
+    ]);
+    path
+}
+
+/// The run state through `path`, or `gone` when nothing answers there (the QEMU exited).
+pub async fn run_state_or_gone(path: &Path) -> String {
+    match Qmp::connect_unix(path, &ConnectOptions::default()).await {
+        Ok(q) => q
+            .execute(&QueryStatus {})
+            .await
+            .map(|s| s.status)
+            .unwrap_or_else(|_| "gone".into()),
+        Err(_) => "gone".into(),
+    }
+}
+
+/// Runs one command on a QMP socket with a connection of its own, returning the reply's `return` value.
+pub async fn qmp_raw(path: &Path, command: &str) -> Value {
+    qmp(path)
+        .await
+        .execute_raw(command, None, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("{command} on {}: {e}", path.display()))
+}
+
+/// `query-migrate`'s status on a QEMU, through its socket (a second monitor while qmigrate holds the first).
+pub async fn migration_status(path: &Path) -> String {
+    qmp_raw(path, "query-migrate").await["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Polls `query-migrate` on `path` until its status is `want`, or panics after `limit`.
+pub async fn wait_migration_status(path: &Path, want: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let s = migration_status(path).await;
+        if s == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never reached migration status {want} (last {s})",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resets every TCP connection to or from `port` on 127.0.0.1 (`ss -K`): a cut migration stream. Returns how many
+/// were reset.
+pub fn cut_tcp(port: u16) -> usize {
+    let mut n = 0;
+    for side in ["dport", "sport"] {
+        let out = std::process::Command::new("ss")
+            .args(["-K", "-t", "-n", side, "=", &format!(":{port}")])
+            .output()
+            .expect("run ss");
+        n += String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("ESTAB") || l.contains(&format!(":{port}")))
+            .count();
+    }
+    n
+}
+
+/// A QMP proxy between qmigrate and a QEMU that, once told to, drops every reply to `query-migrate`: a monitor
+/// that stalls. Ends (closing both sides) when dropped.
+pub struct DroppingProxy {
+    pub path: PathBuf,
+    pub drop_replies: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DroppingProxy {
+    pub async fn start(upstream: &Path, path: PathBuf) -> DroppingProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind the proxy");
+        let drop_replies = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = drop_replies.clone();
+        let upstream = upstream.to_path_buf();
+        let task = tokio::spawn(async move {
+            // One client at a time, like QEMU.
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::UnixStream::connect(&upstream).await else {
+                    return;
+                };
+                let (cr, mut cw) = client.into_split();
+                let (sr, mut sw) = server.into_split();
+                let ids =
+                    std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+                let ids_up = ids.clone();
+                let up = tokio::spawn(async move {
+                    let mut lines = tokio::io::BufReader::new(cr).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                            if v["execute"] == "query-migrate" {
+                                ids_up.lock().unwrap().insert(v["id"].to_string());
+                            }
+                        }
+                        if sw.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let flag = flag.clone();
+                let mut lines = tokio::io::BufReader::new(sr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let dropped = flag.load(Ordering::SeqCst)
+                        && serde_json::from_str::<Value>(&line)
+                            .is_ok_and(|v| ids.lock().unwrap().contains(&v["id"].to_string()));
+                    if !dropped && cw.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                up.abort();
+            }
+        });
+        DroppingProxy {
+            path,
+            drop_replies,
+            task,
+        }
+    }
+}
+
+impl Drop for DroppingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
