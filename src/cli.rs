@@ -99,7 +99,7 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub launch_dst: bool,
     /// With --launch-dst: the destination's QMP socket path (default: the source's, suffixed .incoming).
-    #[arg(long, requires = "launch_dst")]
+    #[arg(long, requires = "launch_dst", conflicts_with = "to")]
     pub dst_qmp: Option<PathBuf>,
     /// Migration stream URI (default: a fresh UNIX socket; tcp:HOST:PORT across hosts).
     #[arg(long)]

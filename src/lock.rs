@@ -36,7 +36,22 @@ impl VmLock {
     /// Takes the lock of the VM whose QMP address is `socket` (a path, `unix:PATH` or `tcp:HOST:PORT`), without
     /// waiting: a held lock is an error naming the holder's pid.
     pub fn acquire(socket: &str) -> Result<VmLock, LockError> {
-        let path = lock_path(socket);
+        match VmLock::acquire_at(socket, lock_path(socket)) {
+            // The socket's directory is not ours to write (a VM run by another user, read-only): the lock goes to
+            // our runtime directory, keyed by the socket's canonical path.
+            Err(LockError::Io { source, .. })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(nix::libc::EACCES | nix::libc::EPERM | nix::libc::EROFS)
+                ) =>
+            {
+                VmLock::acquire_at(socket, runtime_lock_path(&canonical_spec(socket)))
+            }
+            r => r,
+        }
+    }
+
+    fn acquire_at(socket: &str, path: PathBuf) -> Result<VmLock, LockError> {
         let io = |source| LockError::Io {
             socket: socket.into(),
             path: path.clone(),
@@ -100,6 +115,22 @@ pub fn lock_path(socket: &str) -> PathBuf {
             return dir.join(format!(".{}.qmigrate-lock", name.to_string_lossy()));
         }
     }
+    runtime_lock_path(spec)
+}
+
+/// A socket's path with its directory canonicalised, for keying a lock in the runtime directory.
+fn canonical_spec(socket: &str) -> String {
+    let spec = socket.strip_prefix("unix:").unwrap_or(socket);
+    let p = Path::new(spec);
+    match (p.parent(), p.file_name()) {
+        (Some(dir), Some(name)) if !spec.starts_with("tcp:") => std::fs::canonicalize(dir)
+            .map(|d| d.join(name).display().to_string())
+            .unwrap_or_else(|_| spec.to_string()),
+        _ => spec.to_string(),
+    }
+}
+
+fn runtime_lock_path(spec: &str) -> PathBuf {
     let runtime = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|d| d.is_dir())

@@ -1249,12 +1249,8 @@ fn ladder_observation(info: &MigrationInfo, elapsed: Duration) -> ladder::Observ
         elapsed,
         pass: ram.dirty_sync_count,
         remaining_bytes: ram.remaining,
-        throughput_bytes_per_s: if ram.mbps.is_finite() {
-            ram.mbps.max(0.0) * 1e6 / 8.0
-        } else {
-            0.0
-        },
-        dirty_rate_bytes_per_s: ram.dirty_pages_rate.saturating_mul(ram.page_size.max(4096)) as f64,
+        throughput_bytes_per_s: ram.throughput_bytes_per_s(),
+        dirty_rate_bytes_per_s: ram.dirty_rate_bytes_per_s() as f64,
     }
 }
 
@@ -1401,7 +1397,7 @@ async fn measure_dirty_rate(src: &Qmp, sample: Duration) -> Option<DirtyRateBefo
         match src.execute(&QueryDirtyRate {}).await {
             Ok(d) if d.status == "measured" => {
                 return Some(DirtyRateBefore {
-                    bytes_per_s: d.dirty_rate.unwrap_or(0).max(0) as u64 * 1024 * 1024,
+                    bytes_per_s: d.dirty_rate_bytes_per_s().unwrap_or(0),
                     mode: d.mode.unwrap_or_else(|| "page-sampling".into()),
                     calc_time_ms: calc_time * 1000,
                 })

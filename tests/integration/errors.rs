@@ -136,7 +136,7 @@ async fn qmp_error_reply_names_the_command_and_loses_nothing() {
             "--to",
             s(&dst),
             "--uri",
-            "bogus:nowhere",
+            "unix:/nonexistent/dir/stream.sock",
             "--dirty-rate-sample",
             "0",
         ],
@@ -155,7 +155,21 @@ async fn qmp_error_reply_names_the_command_and_loses_nothing() {
 
 #[tokio::test]
 async fn invalid_arguments() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 9] = [
+        (
+            &["--uri", "exec:cat > /tmp/x"],
+            "exec: URIs are refused: QEMU would run a shell command",
+        ),
+        (&["--uri", "tcp:host"], "a TCP URI is tcp:HOST:PORT"),
+        (
+            &["--dst-qmp", "/tmp/x.qmp"],
+            "cannot be used with '--dst-qmp",
+        ),
+        (
+            &["--recover-for", "ever"],
+            "--recover-for \"ever\": not a duration",
+        ),
+        (&["--verify", "-1s"], "--verify"),
         (&["--bandwidth", "fast"], "--bandwidth \"fast\": not a rate"),
         (
             &["--max-downtime", "100ms"],
@@ -180,4 +194,43 @@ async fn invalid_arguments() {
         assert_eq!(run.code, 2, "{extra:?}: {run:?}");
         assert!(run.stderr.contains(message), "{extra:?}: {run:?}");
     }
+}
+
+/// `demo` refuses bad arguments with exit 2 before starting any guest.
+#[tokio::test]
+async fn demo_refuses_bad_arguments() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["--workload", "dirty:lots"],
+            "--workload \"dirty:lots\": not a workload",
+        ),
+        (&["--bandwidth", "0MiB/s"], "--bandwidth"),
+        (&["--memory-mib", "1"], "--memory-mib 1"),
+    ];
+    for (extra, message) in cases {
+        let mut args = vec!["demo", "--guest-dir", "/nonexistent"];
+        args.extend_from_slice(extra);
+        let run = qmigrate(&args, LIMIT).await;
+        assert_eq!(run.code, 2, "{extra:?}: {run:?}");
+        assert!(run.stderr.contains(message), "{extra:?}: {run:?}");
+        assert!(!run.stderr.contains("starting the source guest"), "{run:?}");
+    }
+}
+
+/// `recover` and `cancel` on a VM with no migration to take over: exit 4, saying so, nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_and_cancel_without_a_migration() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    let dst = bed.destination("dst").await;
+    for (cmd, what) in [
+        ("recover", "no migration to recover"),
+        ("cancel", "no migration to cancel"),
+    ] {
+        let run = qmigrate(&[cmd, "--from", s(&src), "--to", s(&dst)], LIMIT).await;
+        assert_eq!(run.code, 4, "{cmd}: {run:?}");
+        assert!(run.stderr.contains(what), "{cmd}: {run:?}");
+    }
+    assert_eq!(run_state(&src).await, "running");
+    assert_eq!(run_state(&dst).await, "inmigrate");
 }
