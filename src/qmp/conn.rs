@@ -1,5 +1,9 @@
 //! One QMP connection: a single task owns the byte stream, writes commands with numeric ids, routes replies to
 //! their callers by id and broadcasts events. Callers hold cheap clones of [`Qmp`].
+//!
+//! Lines are framed as bytes, not text: a peer that sends invalid UTF-8 costs one skipped line, not the
+//! connection. What a line means is decided by the pure [`decode_line`], which the reader task and the fuzz
+//! targets (`tests/fuzz`) share.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -12,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, FramedRead};
 use tokio_util::sync::CancellationToken;
 
 use super::QmpError;
@@ -39,7 +43,7 @@ impl Default for ConnectOptions {
 }
 
 /// What the peer said about itself in its greeting.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Greeting {
     pub version: (u32, u32, u32),
     pub package: String,
@@ -47,7 +51,7 @@ pub struct Greeting {
 }
 
 /// An asynchronous QMP event. Unknown events are delivered like known ones: the name is a plain string.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct QmpEvent {
     pub name: String,
     pub data: Value,
@@ -155,7 +159,7 @@ impl Qmp {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let mut lines = FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE_BYTES));
+        let mut lines = framed_lines(reader);
         let not_qmp = |reason: String| QmpError::NotQmp {
             socket: label.clone(),
             reason,
@@ -166,8 +170,9 @@ impl Qmp {
                 Some(Err(e)) => return Err(not_qmp(codec_reason(&e))),
                 None => return Err(not_qmp("closed before sending a greeting".into())),
             };
-            let greeting = parse_greeting(&first)
-                .ok_or_else(|| not_qmp(format!("unexpected greeting {}", snippet(&first))))?;
+            let Decoded::Greeting(greeting) = decode_line(&first) else {
+                return Err(not_qmp(format!("unexpected greeting {}", snippet(&first))));
+            };
             let line = json!({"execute": "qmp_capabilities", "id": 0}).to_string() + "\n";
             writer
                 .write_all(line.as_bytes())
@@ -187,23 +192,27 @@ impl Qmp {
                         })
                     }
                 };
-                let v: Value = serde_json::from_str(&l)
-                    .map_err(|_| not_qmp(format!("not JSON: {}", snippet(&l))))?;
-                if v.get("event").is_some() {
-                    continue;
+                // The reply's id is not checked: qmp_capabilities is the only command in flight.
+                match decode_line(&l) {
+                    Decoded::Event(_) => continue,
+                    Decoded::Reply {
+                        outcome: ReplyOutcome::Return(_),
+                        ..
+                    } => return Ok(greeting),
+                    Decoded::Reply {
+                        outcome: ReplyOutcome::Error { class, desc },
+                        ..
+                    } => {
+                        return Err(QmpError::Command {
+                            socket: label.clone(),
+                            command: "qmp_capabilities".into(),
+                            class,
+                            desc,
+                        })
+                    }
+                    Decoded::NotJson => return Err(not_qmp(format!("not JSON: {}", snippet(&l)))),
+                    _ => return Err(not_qmp(format!("unexpected reply {}", snippet(&l)))),
                 }
-                if v.get("return").is_some() {
-                    return Ok(greeting);
-                }
-                if let Some(err) = v.get("error") {
-                    return Err(QmpError::Command {
-                        socket: label.clone(),
-                        command: "qmp_capabilities".into(),
-                        class: err["class"].as_str().unwrap_or_default().into(),
-                        desc: err["desc"].as_str().unwrap_or_default().into(),
-                    });
-                }
-                return Err(not_qmp(format!("unexpected reply {}", snippet(&l))));
             }
         };
         let greeting = tokio::time::timeout(opts.handshake_timeout, negotiate)
@@ -336,7 +345,7 @@ fn decode<T: DeserializeOwned>(label: &str, command: &str, v: Value) -> Result<T
 
 async fn run_connection<R, W>(
     label: String,
-    mut lines: FramedRead<R, LinesCodec>,
+    mut lines: Lines<R>,
     mut writer: W,
     mut requests: mpsc::Receiver<Request>,
     events: broadcast::Sender<QmpEvent>,
@@ -391,52 +400,121 @@ async fn run_connection<R, W>(
 
 type Pending = HashMap<u64, (String, oneshot::Sender<Result<Value, QmpError>>)>;
 
-fn route(label: &str, line: &str, pending: &mut Pending, events: &broadcast::Sender<QmpEvent>) {
-    let Ok(v) = serde_json::from_str::<Value>(line) else {
-        tracing::warn!(socket = %label, line = %snippet(line), "ignoring a line that is not JSON");
-        return;
+/// What one line from a QMP peer is. Produced by [`decode_line`] for every line the connection receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decoded {
+    /// `{"QMP": …}`, the first thing a peer says.
+    Greeting(Greeting),
+    /// `{"event": "NAME", "data": …}`; `data` is `null` when absent.
+    Event(QmpEvent),
+    /// An object with `id`, `return` or `error`. Only a reply whose id is an unsigned integer can be routed.
+    Reply {
+        id: Option<u64>,
+        outcome: ReplyOutcome,
+    },
+    /// JSON, but none of the above (`{"hello": 1}`, `[1, 2]`).
+    Unrecognised,
+    /// Not JSON: text, a partial line, or bytes that are not UTF-8 (also inside a JSON string).
+    NotJson,
+}
+
+/// What a reply says.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplyOutcome {
+    Return(Value),
+    /// `class` is `GenericError` when the peer gave none.
+    Error {
+        class: String,
+        desc: String,
+    },
+    /// Neither `return` nor `error`: a protocol error for the command waiting on it.
+    Neither,
+}
+
+/// Classifies one received line (without its `\n`). Pure, and total over any bytes: serde_json rejects invalid
+/// UTF-8 and bounds nesting depth, so a hostile peer can make a line [`Decoded::NotJson`] but cannot make this
+/// panic.
+pub fn decode_line(line: &[u8]) -> Decoded {
+    let Ok(v) = serde_json::from_slice::<Value>(line) else {
+        return Decoded::NotJson;
     };
-    if let Some(name) = v.get("event").and_then(Value::as_str) {
-        let ev = QmpEvent {
-            name: name.to_string(),
-            data: v.get("data").cloned().unwrap_or(Value::Null),
-        };
-        tracing::debug!(socket = %label, event = %ev.name, "event");
-        let _ = events.send(ev);
-        return;
+    let Value::Object(mut v) = v else {
+        return Decoded::Unrecognised;
+    };
+    if let Some(Value::String(name)) = v.remove("event") {
+        return Decoded::Event(QmpEvent {
+            name,
+            data: v.remove("data").unwrap_or(Value::Null),
+        });
     }
-    let Some(id) = v.get("id").and_then(Value::as_u64) else {
-        tracing::warn!(socket = %label, line = %snippet(line), "ignoring a reply without a known id");
-        return;
+    if v.contains_key("id") || v.contains_key("return") || v.contains_key("error") {
+        let id = v.get("id").and_then(Value::as_u64);
+        let outcome = if let Some(ret) = v.remove("return") {
+            ReplyOutcome::Return(ret)
+        } else if let Some(err) = v.get("error") {
+            ReplyOutcome::Error {
+                class: err["class"].as_str().unwrap_or("GenericError").into(),
+                desc: err["desc"].as_str().unwrap_or_default().into(),
+            }
+        } else {
+            ReplyOutcome::Neither
+        };
+        return Decoded::Reply { id, outcome };
+    }
+    match v.get("QMP") {
+        Some(qmp) => Decoded::Greeting(parse_greeting(qmp)),
+        None => Decoded::Unrecognised,
+    }
+}
+
+fn route(label: &str, line: &[u8], pending: &mut Pending, events: &broadcast::Sender<QmpEvent>) {
+    let (id, outcome) = match decode_line(line) {
+        Decoded::Event(ev) => {
+            tracing::debug!(socket = %label, event = %ev.name, "event");
+            let _ = events.send(ev);
+            return;
+        }
+        Decoded::Reply {
+            id: Some(id),
+            outcome,
+        } => (id, outcome),
+        Decoded::NotJson => {
+            tracing::warn!(socket = %label, line = %snippet(line), "ignoring a line that is not JSON");
+            return;
+        }
+        Decoded::Reply { id: None, .. } | Decoded::Greeting(_) | Decoded::Unrecognised => {
+            tracing::warn!(socket = %label, line = %snippet(line), "ignoring a reply without a known id");
+            return;
+        }
     };
     let Some((command, tx)) = pending.remove(&id) else {
         tracing::debug!(socket = %label, id, "late reply to an abandoned command dropped");
         return;
     };
-    let result = if let Some(ret) = v.get("return") {
-        Ok(ret.clone())
-    } else if let Some(err) = v.get("error") {
-        Err(QmpError::Command {
+    let result = match outcome {
+        ReplyOutcome::Return(ret) => Ok(ret),
+        ReplyOutcome::Error { class, desc } => Err(QmpError::Command {
             socket: label.into(),
             command,
-            class: err["class"].as_str().unwrap_or("GenericError").into(),
-            desc: err["desc"].as_str().unwrap_or_default().into(),
-        })
-    } else {
-        Err(QmpError::Protocol {
+            class,
+            desc,
+        }),
+        ReplyOutcome::Neither => Err(QmpError::Protocol {
             socket: label.into(),
             reason: format!("reply to `{command}` has neither return nor error"),
-        })
+        }),
     };
     let _ = tx.send(result);
 }
 
-fn parse_greeting(line: &str) -> Option<Greeting> {
-    let v: Value = serde_json::from_str(line).ok()?;
-    let qmp = v.get("QMP")?;
+/// The greeting's contents; anything missing or out of range reads as 0 or empty.
+fn parse_greeting(qmp: &Value) -> Greeting {
     let q = &qmp["version"]["qemu"];
-    let n = |k: &str| q[k].as_u64().unwrap_or(0) as u32;
-    Some(Greeting {
+    let n = |k: &str| {
+        q[k].as_u64()
+            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
+    };
+    Greeting {
         version: (n("major"), n("minor"), n("micro")),
         package: qmp["version"]["package"]
             .as_str()
@@ -451,19 +529,31 @@ fn parse_greeting(line: &str) -> Option<Greeting> {
                     .collect()
             })
             .unwrap_or_default(),
-    })
-}
-
-fn codec_reason(e: &LinesCodecError) -> String {
-    match e {
-        LinesCodecError::MaxLineLengthExceeded => {
-            format!("a line longer than {MAX_LINE_BYTES} bytes")
-        }
-        LinesCodecError::Io(e) => e.to_string(),
     }
 }
 
-fn snippet(s: &str) -> String {
+type Lines<R> = FramedRead<R, AnyDelimiterCodec>;
+
+/// Splits the peer's bytes on `\n` without decoding them: UTF-8 is [`decode_line`]'s business.
+fn framed_lines<R: AsyncRead>(reader: R) -> Lines<R> {
+    FramedRead::new(
+        reader,
+        AnyDelimiterCodec::new_with_max_length(vec![b'\n'], Vec::new(), MAX_LINE_BYTES),
+    )
+}
+
+fn codec_reason(e: &AnyDelimiterCodecError) -> String {
+    match e {
+        AnyDelimiterCodecError::MaxChunkLengthExceeded => {
+            format!("a line longer than {MAX_LINE_BYTES} bytes")
+        }
+        AnyDelimiterCodecError::Io(e) => e.to_string(),
+    }
+}
+
+/// The start of a line for a message, with invalid UTF-8 shown as U+FFFD.
+fn snippet(line: &[u8]) -> String {
+    let s = String::from_utf8_lossy(line);
     let s = s.trim();
     if s.len() > 80 {
         let mut end = 80;
@@ -506,16 +596,202 @@ fn io_to_connect_error(socket: &str, e: std::io::Error) -> QmpError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    const GREETING: &[u8] = b"{\"QMP\": {\"version\": {\"qemu\": {\"micro\": 0, \"minor\": 0, \"major\": 99}, \"package\": \"fake\"}, \"capabilities\": []}}\n";
+
+    fn quick() -> ConnectOptions {
+        ConnectOptions {
+            handshake_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A fake peer on an in-memory stream: greets, accepts qmp_capabilities, then answers each later command line
+    /// (its id and its number, counting from 1) with the bytes `script` returns.
+    async fn fake_peer(script: impl Fn(u64, usize) -> Vec<u8> + Send + 'static) -> Qmp {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let (r, mut w) = tokio::io::split(server);
+            let mut lines = BufReader::new(r).lines();
+            w.write_all(GREETING).await.unwrap();
+            let mut n = 0;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let id = serde_json::from_str::<Value>(&line).unwrap()["id"]
+                    .as_u64()
+                    .unwrap();
+                let out = if n == 0 {
+                    format!("{{\"return\": {{}}, \"id\": {id}}}\n").into_bytes()
+                } else {
+                    script(id, n)
+                };
+                n += 1;
+                if w.write_all(&out).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let (r, w) = tokio::io::split(client);
+        Qmp::connect_stream(r, w, "fake-peer", &quick())
+            .await
+            .unwrap()
+    }
 
     #[test]
     fn greeting_parses_qemu_7_and_tolerates_unknown_capabilities() {
-        let g = parse_greeting(
-            r#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2"}, "capabilities": ["oob", "future-thing"]}}"#,
-        )
-        .unwrap();
+        let Decoded::Greeting(g) = decode_line(
+            br#"{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "Debian 1:7.2"}, "capabilities": ["oob", "future-thing"]}}"#,
+        ) else {
+            panic!("not a greeting");
+        };
         assert_eq!(g.version, (7, 2, 22));
+        assert_eq!(g.package, "Debian 1:7.2");
         assert_eq!(g.capabilities, vec!["oob", "future-thing"]);
-        assert!(parse_greeting(r#"{"hello": 1}"#).is_none());
-        assert!(parse_greeting("SSH-2.0-OpenSSH").is_none());
+        assert_eq!(decode_line(br#"{"hello": 1}"#), Decoded::Unrecognised);
+        assert_eq!(decode_line(b"SSH-2.0-OpenSSH"), Decoded::NotJson);
+        // A version number beyond u32 saturates instead of wrapping.
+        let Decoded::Greeting(g) =
+            decode_line(br#"{"QMP": {"version": {"qemu": {"major": 4294967306}}}}"#)
+        else {
+            panic!("not a greeting");
+        };
+        assert_eq!(g.version, (u32::MAX, 0, 0));
+    }
+
+    #[test]
+    fn decode_line_classifies_every_kind_of_line() {
+        let cases: &[(&[u8], Decoded)] = &[
+            (
+                br#"{"return": {"status": "running"}, "id": 7}"#,
+                Decoded::Reply {
+                    id: Some(7),
+                    outcome: ReplyOutcome::Return(json!({"status": "running"})),
+                },
+            ),
+            (
+                b"{\"return\": {}, \"id\": 3}\r",
+                Decoded::Reply {
+                    id: Some(3),
+                    outcome: ReplyOutcome::Return(json!({})),
+                },
+            ),
+            (
+                br#"{"error": {"class": "DeviceNotActive", "desc": "No balloon"}, "id": 2}"#,
+                Decoded::Reply {
+                    id: Some(2),
+                    outcome: ReplyOutcome::Error {
+                        class: "DeviceNotActive".into(),
+                        desc: "No balloon".into(),
+                    },
+                },
+            ),
+            (
+                br#"{"error": 5, "id": 2}"#,
+                Decoded::Reply {
+                    id: Some(2),
+                    outcome: ReplyOutcome::Error {
+                        class: "GenericError".into(),
+                        desc: String::new(),
+                    },
+                },
+            ),
+            (
+                br#"{"id": 4}"#,
+                Decoded::Reply {
+                    id: Some(4),
+                    outcome: ReplyOutcome::Neither,
+                },
+            ),
+            (
+                br#"{"return": {}, "id": "four"}"#,
+                Decoded::Reply {
+                    id: None,
+                    outcome: ReplyOutcome::Return(json!({})),
+                },
+            ),
+            (
+                br#"{"return": {}, "id": -1}"#,
+                Decoded::Reply {
+                    id: None,
+                    outcome: ReplyOutcome::Return(json!({})),
+                },
+            ),
+            (
+                br#"{"event": "STOP", "timestamp": {"seconds": 1, "microseconds": 2}}"#,
+                Decoded::Event(QmpEvent {
+                    name: "STOP".into(),
+                    data: Value::Null,
+                }),
+            ),
+            (
+                br#"{"event": "MIGRATION", "data": {"status": "active"}}"#,
+                Decoded::Event(QmpEvent {
+                    name: "MIGRATION".into(),
+                    data: json!({"status": "active"}),
+                }),
+            ),
+            // An event name that is not a string is not an event.
+            (br#"{"event": 1}"#, Decoded::Unrecognised),
+            (b"[1, 2]", Decoded::Unrecognised),
+            (b"", Decoded::NotJson),
+            (b"{\"return\": {}, \"id\": 1", Decoded::NotJson),
+            // Invalid UTF-8, bare and inside a JSON string.
+            (b"\xff\xfe\xfd", Decoded::NotJson),
+            (b"{\"return\": \"\xc3\x28\", \"id\": 1}", Decoded::NotJson),
+            // Nesting beyond serde_json's recursion limit is refused, not a stack overflow.
+            (&[b'['; 100_000], Decoded::NotJson),
+        ];
+        for (line, want) in cases {
+            assert_eq!(
+                &decode_line(line),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_between_replies_costs_a_line_not_the_connection() {
+        let qmp = fake_peer(|id, n| {
+            let reply = format!("{{\"return\": {{\"n\": {n}}}, \"id\": {id}}}\n").into_bytes();
+            if n == 1 {
+                // The first reply, then garbage: invalid UTF-8 alone, inside a JSON string that claims the
+                // next command's id, and in an event.
+                let mut out = reply;
+                out.extend_from_slice(b"\xff\xfe\x80 not text\n");
+                out.extend_from_slice(b"{\"return\": \"\xc3\x28\", \"id\": ");
+                out.extend_from_slice(format!("{}}}\n", id + 1).as_bytes());
+                out.extend_from_slice(b"{\"event\": \"\xed\xa0\x80\"}\n");
+                out
+            } else {
+                reply
+            }
+        })
+        .await;
+        let t = Duration::from_secs(5);
+        let first = qmp.execute_raw("query-status", None, t).await.unwrap();
+        assert_eq!(first, json!({"n": 1}));
+        let second = qmp.execute_raw("query-status", None, t).await.unwrap();
+        assert_eq!(second, json!({"n": 2}));
+        assert!(!qmp.is_closed());
+    }
+
+    #[tokio::test]
+    async fn a_line_over_the_limit_ends_the_connection_with_an_error_naming_the_socket() {
+        let qmp = fake_peer(|_, _| vec![b'x'; MAX_LINE_BYTES + 2]).await;
+        let err = qmp
+            .execute_raw("query-status", None, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, QmpError::Protocol { .. }), "{msg}");
+        assert!(
+            msg.contains("fake-peer") && msg.contains("longer than"),
+            "{msg}"
+        );
+        tokio::time::timeout(Duration::from_secs(5), qmp.closed())
+            .await
+            .unwrap();
     }
 }

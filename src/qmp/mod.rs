@@ -9,7 +9,9 @@ pub mod types;
 
 use std::time::Duration;
 
-pub use conn::{ConnectOptions, Greeting, Qmp, QmpEvent, MAX_LINE_BYTES};
+pub use conn::{
+    decode_line, ConnectOptions, Decoded, Greeting, Qmp, QmpEvent, ReplyOutcome, MAX_LINE_BYTES,
+};
 pub use features::PeerFeatures;
 
 /// Every failure of the QMP layer names the socket (or stream label) and, where one was running, the command.

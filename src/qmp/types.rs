@@ -69,6 +69,26 @@ pub struct RamStats {
     pub postcopy_bytes: u64,
 }
 
+impl RamStats {
+    /// The dirty page rate in bytes per second (4 KiB pages when the peer does not say). Saturates: the figures
+    /// come from the peer, and an absurd one must read as huge, not overflow.
+    pub fn dirty_rate_bytes_per_s(&self) -> u64 {
+        self.dirty_pages_rate
+            .saturating_mul(self.page_size.max(4096))
+    }
+
+    /// The throughput in bytes per second, from `mbps` (QEMU's megabits, 10^6 bits, per second). A negative or
+    /// non-finite figure reads as 0.
+    pub fn throughput_bytes_per_s(&self) -> f64 {
+        let bytes = self.mbps * 1e6 / 8.0;
+        if bytes.is_finite() && bytes > 0.0 {
+            bytes
+        } else {
+            0.0
+        }
+    }
+}
+
 /// `query-migrate-capabilities` with capability names as strings (7.2 has `compress` and `block`).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct QueryMigrateCapabilities {}
@@ -118,6 +138,14 @@ pub struct DirtyRateInfo {
     pub sample_pages: Option<u64>,
 }
 
+impl DirtyRateInfo {
+    /// The measured rate in bytes per second: QEMU's MiB/s times 2^20, saturating; a negative rate reads as 0.
+    pub fn dirty_rate_bytes_per_s(&self) -> Option<u64> {
+        self.dirty_rate
+            .map(|mib| u64::try_from(mib).unwrap_or(0).saturating_mul(1 << 20))
+    }
+}
+
 /// `calc-dirty-rate` with the mode as a string.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -163,6 +191,52 @@ mod tests {
         .unwrap();
         assert_eq!(m.status.as_deref(), Some("some-new-state"));
         assert_eq!(m.ram.unwrap().transferred, 5);
+    }
+}
+
+#[cfg(test)]
+mod absurd_figures {
+    use super::*;
+
+    #[test]
+    fn figures_near_u64_max_saturate_instead_of_overflowing() {
+        let m: MigrationInfo = serde_json::from_str(
+            r#"{"status": "active", "total-time": 18446744073709551615, "ram": {"dirty-pages-rate": 18446744073709551615, "page-size": 18446744073709551615, "mbps": 1.7976931348623157e308}}"#,
+        )
+        .unwrap();
+        assert_eq!(m.total_time, Some(u64::MAX));
+        let ram = m.ram.unwrap();
+        assert_eq!(ram.dirty_rate_bytes_per_s(), u64::MAX);
+        // f64::MAX * 1e6 is infinite: no throughput figure rather than an infinite one.
+        assert!(ram.throughput_bytes_per_s().abs() < f64::EPSILON);
+        let ram = RamStats {
+            dirty_pages_rate: u64::MAX / 4096 + 1,
+            page_size: 0,
+            mbps: -5.0,
+            ..RamStats::default()
+        };
+        assert_eq!(ram.dirty_rate_bytes_per_s(), u64::MAX);
+        assert!(ram.throughput_bytes_per_s().abs() < f64::EPSILON);
+        let ram = RamStats {
+            dirty_pages_rate: 10,
+            page_size: 0,
+            mbps: 8.0,
+            ..RamStats::default()
+        };
+        assert_eq!(ram.dirty_rate_bytes_per_s(), 40_960);
+        assert!((ram.throughput_bytes_per_s() - 1e6).abs() < 1e-6);
+
+        let rate = |r: i64| {
+            DirtyRateInfo {
+                dirty_rate: Some(r),
+                ..DirtyRateInfo::default()
+            }
+            .dirty_rate_bytes_per_s()
+        };
+        assert_eq!(rate(i64::MAX), Some(u64::MAX));
+        assert_eq!(rate(i64::MIN), Some(0));
+        assert_eq!(rate(74), Some(74 << 20));
+        assert_eq!(DirtyRateInfo::default().dirty_rate_bytes_per_s(), None);
     }
 }
 

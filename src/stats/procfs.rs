@@ -15,7 +15,7 @@ pub fn parse_task_stat(text: &str) -> Option<u64> {
     // After the name come state (field 3) … utime (14) and stime (15): indexes 11 and 12 here.
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some(utime.saturating_add(stime))
 }
 
 /// The host's aggregate CPU times from `/proc/stat`, in clock ticks.
@@ -33,8 +33,9 @@ pub fn parse_proc_stat(text: &str) -> Option<CpuTimes> {
         .map(|f| f.parse().ok())
         .collect::<Option<_>>()?;
     // user nice system idle iowait irq softirq steal; guest time is already inside user.
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    // Saturating: a malformed file must not panic a debug build (the figures are wrong either way).
+    let total = v.iter().take(8).fold(0u64, |a, b| a.saturating_add(*b));
+    let idle = v.get(3)?.saturating_add(v.get(4).copied().unwrap_or(0));
     Some(CpuTimes {
         busy_ticks: total.saturating_sub(idle),
         total_ticks: total,
@@ -59,7 +60,7 @@ pub fn parse_meminfo(text: &str) -> Option<(u64, u64)> {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
             .and_then(|v| v.trim().strip_suffix("kB"))
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|kib| kib * 1024)
+            .map(|kib| kib.saturating_mul(1024))
     };
     Some((field("MemTotal")?, field("MemAvailable")?))
 }
@@ -193,6 +194,22 @@ mod tests {
             Some((24_684_000 * 1024, 23_900_000 * 1024))
         );
         assert_eq!(parse_meminfo("MemTotal: 5 kB\n"), None);
+    }
+
+    #[test]
+    fn figures_near_u64_max_saturate_instead_of_overflowing() {
+        let max = u64::MAX;
+        let stat = format!("1 (qemu) S {}{max} {max} 0", "0 ".repeat(10));
+        assert_eq!(parse_task_stat(&stat), Some(max));
+        let t = parse_proc_stat(&format!("cpu  {max} {max} 1 {max} {max} 0 0 0\n")).unwrap();
+        assert_eq!(t.total_ticks, max);
+        assert_eq!(
+            parse_meminfo(&format!(
+                "MemTotal: {max} kB\nMemAvailable: {} kB\n",
+                max / 1024
+            )),
+            Some((max, max / 1024 * 1024))
+        );
     }
 
     #[test]

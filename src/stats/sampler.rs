@@ -452,9 +452,7 @@ async fn finish_dirty_rate(
         let info = qmp.execute(&QueryDirtyRate {}).await?;
         if info.status == "measured" {
             #[allow(clippy::cast_precision_loss)]
-            let bytes = info
-                .dirty_rate
-                .map(|mib| mib.max(0) as f64 * 1024.0 * 1024.0);
+            let bytes = info.dirty_rate_bytes_per_s().map(|b| b as f64);
             return Ok(DirtyRateSample {
                 bytes_per_s: bytes,
                 mode: Some(info.mode.unwrap_or_else(|| mode.into())),
