@@ -18,6 +18,7 @@ use ratatui::widgets::{Cell, Paragraph, Row, Table};
 use ratatui::Frame;
 
 use crate::stats::{SampleOptions, Snapshot};
+use crate::text::printable;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopError {
@@ -369,7 +370,8 @@ const COLUMNS: [(&str, u16, Option<SortKey>); 12] = [
 
 const MAX_ERROR_LINES: usize = 4;
 
-/// Draws the whole screen: two header lines (host, round), the key help with the current sort, and the table.
+/// Draws the whole screen: two header lines (host, round), the key help with the current sort, and the table. VM
+/// names, run states and error texts come from socket paths and peers, so they are drawn through [`printable`].
 pub fn render(frame: &mut Frame, state: &ViewState, model: &Model) {
     // Errors are long (a path, the command, the OS's words) and the last column is narrow: each also gets a line of
     // its own under the table, so a person can read why a VM has no figures. A few at most: the rows come first.
@@ -380,8 +382,11 @@ pub fn render(frame: &mut Frame, state: &ViewState, model: &Model) {
         .take(MAX_ERROR_LINES)
         .map(|(r, e)| {
             Line::from(vec![
-                Span::styled(format!("{}: ", r.name), Style::default().fg(Color::Red)),
-                Span::raw(e.as_str()),
+                Span::styled(
+                    format!("{}: ", printable(&r.name)),
+                    Style::default().fg(Color::Red),
+                ),
+                Span::raw(printable(e)),
             ])
         })
         .collect();
@@ -399,7 +404,7 @@ pub fn render(frame: &mut Frame, state: &ViewState, model: &Model) {
     frame.render_widget(
         Paragraph::new(Line::from(vec![
             Span::styled("qmigrate top   ", bold),
-            Span::raw(model.host.as_str()),
+            Span::raw(printable(&model.host)),
         ])),
         host,
     );
@@ -426,11 +431,11 @@ pub fn render(frame: &mut Frame, state: &ViewState, model: &Model) {
     let rows = rows.iter().map(|r| {
         let last = match &r.error {
             // The sampler's errors start with the socket, which the VM column already names.
-            Some(e) => Cell::from(
+            Some(e) => Cell::from(printable(
                 e.strip_prefix(r.socket.as_str())
                     .and_then(|e| e.strip_prefix(": "))
                     .unwrap_or(e),
-            )
+            ))
             .style(Style::default().fg(Color::Red)),
             None if r.classes.is_empty() => Cell::from("-"),
             None => Cell::from(r.classes.join(",")),
@@ -441,8 +446,8 @@ pub fn render(frame: &mut Frame, state: &ViewState, model: &Model) {
             _ => Style::default().fg(Color::Yellow),
         };
         Row::new(vec![
-            Cell::from(r.name.as_str()),
-            Cell::from(r.state.as_str()).style(state_style),
+            Cell::from(printable(&r.name)),
+            Cell::from(printable(&r.state)).style(state_style),
             Cell::from(fmt_pct(r.cpu_pct)),
             Cell::from(fmt_vcpus(&r.vcpu_pcts)),
             Cell::from(fmt_bytes(r.ram_bytes)),

@@ -1,6 +1,6 @@
 //! `qmigrate simulate` end to end: the built binary on the scenario files in tests/scenarios. One module per theme:
-//! paper 000's golden tables, paper 004's idc-against-sandpiper experiments, malformed scenarios, and the CLI's
-//! other failures.
+//! paper 000's golden tables, paper 004's idc-against-sandpiper experiments, malformed scenarios and the CLI's
+//! other failures, the bounds on input, and hostile names.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -322,6 +322,182 @@ mod malformed {
         assert!(
             err.starts_with(&format!("error: cannot read scenario {path}: ")),
             "{err}"
+        );
+    }
+}
+
+mod bounds {
+    use super::*;
+
+    use std::time::{Duration, Instant};
+
+    /// Runs and expects exit 2 with nothing on stdout; returns stderr.
+    fn refused(args: &[&str]) -> String {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    #[test]
+    fn rounds_over_the_limit_are_refused() {
+        let err = refused(&[
+            scenario("paper000-table1.json").to_str().unwrap(),
+            "--policy",
+            "band",
+            "--rounds",
+            "10001",
+        ]);
+        assert_eq!(
+            err.trim_end(),
+            "error: --rounds must be at most 10000, found 10001"
+        );
+        let out = run(&[
+            scenario("paper000-table1.json").to_str().unwrap(),
+            "--policy",
+            "band",
+            "--rounds",
+            "10000",
+            "--json",
+        ]);
+        assert!(out.status.success(), "the limit itself is allowed");
+    }
+
+    #[test]
+    fn a_device_is_refused_quickly_and_by_name() {
+        // /dev/zero never ends: reading it whole would fill memory.
+        let started = Instant::now();
+        let err = refused(&["/dev/zero", "--policy", "band"]);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(
+            err.trim_end(),
+            "error: scenario /dev/zero is not a regular file"
+        );
+    }
+
+    #[test]
+    fn an_oversized_file_is_refused_without_reading_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.json");
+        // Sparse: 1 TiB on paper, nothing on disk; reading it would take minutes and all of memory.
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        let path = path.to_str().unwrap();
+        let started = Instant::now();
+        let err = refused(&[path, "--policy", "band"]);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(
+            err.trim_end(),
+            format!("error: scenario {path} is larger than the limit of 16777216 bytes")
+        );
+    }
+
+    #[test]
+    fn a_file_one_byte_over_the_limit_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.json");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(16 * 1024 * 1024 + 1)
+            .unwrap();
+        let err = refused(&[path.to_str().unwrap(), "--policy", "band"]);
+        assert!(
+            err.contains("is larger than the limit of 16777216 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn too_many_vms_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("crowd.json");
+        let vms: Vec<Value> = (0..1_001)
+            .map(|i| {
+                serde_json::json!({"name": format!("vm{i}"), "host": "node1", "cpu_pct": 0, "memory_mib": 1,
+                                   "memory_pct": 0, "nic_mbps": 0, "swap_writes_per_s": 0})
+            })
+            .collect();
+        let s = serde_json::json!({
+            "hosts": [{"name": "node1", "cpus": 4, "memory_mib": 3072, "nic_mbps": 1000, "cpu_pct": 10,
+                       "swap_writes_per_s": 0, "nic_pct": 0}],
+            "vms": vms,
+        });
+        std::fs::write(&path, s.to_string()).unwrap();
+        let err = refused(&[path.to_str().unwrap(), "--policy", "idc"]);
+        assert_eq!(
+            err.trim_end(),
+            "error: scenario lists 1001 vms, above the limit of 1000"
+        );
+    }
+}
+
+mod hostile_names {
+    use super::*;
+
+    #[test]
+    fn the_table_escapes_control_characters_in_names() {
+        let out = run(&[
+            scenario("escape-in-names.json").to_str().unwrap(),
+            "--policy",
+            "band",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !out.stdout.contains(&0x1b),
+            "an ESC byte reached the terminal"
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        // The names are still there, spelt out, and the decision is the same as on the clean table.
+        assert!(
+            text.contains("migrate N3V3\\x1b[31m: node3 -> node2\\u{9b}2J\\x0afake"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_keeps_the_names_exactly() {
+        let out = run(&[
+            scenario("escape-in-names.json").to_str().unwrap(),
+            "--policy",
+            "band",
+            "--json",
+        ]);
+        assert!(out.status.success());
+        assert!(!out.stdout.contains(&0x1b), "JSON escapes ESC itself");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["rounds"][0]["migrations"][0]["vm"], "N3V3\u{1b}[31m");
+        assert_eq!(v["rounds"][0]["migrations"][0]["to"], "node2\u{9b}2J\nfake");
+    }
+
+    #[test]
+    fn errors_escape_control_characters_in_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dup.json");
+        let mut s: Value =
+            serde_json::from_slice(&std::fs::read(scenario("escape-in-names.json")).unwrap())
+                .unwrap();
+        s["vms"][0]["name"] = s["vms"][8]["name"].clone();
+        std::fs::write(&path, s.to_string()).unwrap();
+        let out = run(&[path.to_str().unwrap(), "--policy", "band"]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(
+            !out.stderr.contains(&0x1b),
+            "an ESC byte reached the terminal"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.trim_end(),
+            r#"error: vm "N3V3\u{1b}[31m" is listed twice"#
         );
     }
 }

@@ -11,6 +11,7 @@
 //! - [`simulate`]: rounds of decide-then-apply, rendered as text or JSON.
 
 use std::fmt;
+use std::io::Read as _;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -27,7 +28,21 @@ pub mod simulate;
 #[cfg(test)]
 mod properties;
 
-pub use scenario::{Entry, Flow, History, Host, Scenario, Tuning, Vm};
+pub use scenario::{
+    Entry, Flow, History, Host, Scenario, Tuning, Vm, MAX_FLOWS, MAX_HOSTS, MAX_VMS,
+};
+
+/// The largest scenario file `qmigrate simulate` reads. The scenario is parsed into a JSON tree before it is checked,
+/// and a tree can take many times the bytes of its text, so the file is bounded rather than the tree. A scenario at
+/// the entry limits ([`MAX_HOSTS`], [`MAX_VMS`], [`MAX_FLOWS`]) takes about 1 MiB, so this leaves room for long
+/// histories and descriptions.
+pub const MAX_SCENARIO_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The most rounds `qmigrate simulate --rounds` runs: every round is kept for the output, so the rounds bound both
+/// the time and the size of what is printed. Most rounds are cheap (a round without a hotspot costs little), but a
+/// scenario near the entry limits that stays stuck (hotspots, no destination with room) costs the whole search every
+/// round: see [`MAX_HOSTS`].
+pub const MAX_ROUNDS: u32 = 10_000;
 
 /// Errors of the planning layer; each names the offending entry.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +55,18 @@ pub enum PlanError {
     UnknownPolicy { name: String },
     #[error("--rounds must be at least 1")]
     NoRounds,
+    #[error("--rounds must be at most {max}, found {rounds}")]
+    TooManyRounds { rounds: u32, max: u32 },
+    #[error("scenario {path} is not a regular file")]
+    NotAFile { path: String },
+    #[error("scenario {path} is larger than the limit of {max_bytes} bytes")]
+    TooLarge { path: String, max_bytes: u64 },
+    #[error("scenario lists {count} {list}, above the limit of {max}")]
+    TooMany {
+        list: &'static str,
+        count: usize,
+        max: usize,
+    },
     #[error("{entry}: missing field {field:?}")]
     MissingField { entry: Entry, field: &'static str },
     #[error("{entry}: unknown field {field:?}")]
@@ -171,7 +198,8 @@ pub fn decide(policy: Policy, scenario: &Scenario) -> Vec<Decision> {
 }
 
 /// Runs `qmigrate simulate`: reads the scenario file, runs `policy` for `rounds` rounds and renders the result
-/// (JSON when `json`, a table otherwise).
+/// (JSON when `json`, a table otherwise). Refuses more than [`MAX_ROUNDS`] rounds, and a scenario that is not a
+/// regular file or is larger than [`MAX_SCENARIO_BYTES`].
 pub fn run_simulate_command(
     path: &Path,
     policy: &str,
@@ -182,10 +210,13 @@ pub fn run_simulate_command(
     if rounds == 0 {
         return Err(PlanError::NoRounds);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| PlanError::Read {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
+    if rounds > MAX_ROUNDS {
+        return Err(PlanError::TooManyRounds {
+            rounds,
+            max: MAX_ROUNDS,
+        });
+    }
+    let text = read_scenario(path, MAX_SCENARIO_BYTES)?;
     let scenario = Scenario::from_json(&text)?;
     let run = simulate::simulate(policy, &scenario, rounds);
     Ok(if json {
@@ -193,4 +224,99 @@ pub fn run_simulate_command(
     } else {
         simulate::render_text(&run)
     })
+}
+
+/// Reads a scenario file of at most `max_bytes`. Only a regular file is read: a FIFO would block the read (and the
+/// open) forever and a device such as `/dev/zero` never ends. The size is checked before reading, and the read stops
+/// one byte past the limit anyway, in case the file grows in between.
+fn read_scenario(path: &Path, max_bytes: u64) -> Result<String, PlanError> {
+    let shown = || crate::text::printable(&path.display().to_string()).into_owned();
+    let read_error = |e: std::io::Error| PlanError::Read {
+        path: shown(),
+        reason: e.to_string(),
+    };
+    let not_a_file = || PlanError::NotAFile { path: shown() };
+    let too_large = || PlanError::TooLarge {
+        path: shown(),
+        max_bytes,
+    };
+    // Checked before opening, because opening a FIFO for reading waits for a writer.
+    if !std::fs::metadata(path).map_err(read_error)?.is_file() {
+        return Err(not_a_file());
+    }
+    // Non-blocking, and checked again on the open file, in case the path was swapped for a FIFO meanwhile; on a
+    // regular file O_NONBLOCK changes nothing.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(path)
+            .map_err(read_error)?
+    };
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(not_a_file());
+    }
+    if meta.len() > max_bytes {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(too_large());
+    }
+    String::from_utf8(bytes).map_err(|e| PlanError::Read {
+        path: shown(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scenario_file_is_read_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        std::fs::write(&path, "0123456789").unwrap();
+        assert_eq!(read_scenario(&path, 10).unwrap(), "0123456789");
+        let err = read_scenario(&path, 9).unwrap_err();
+        assert!(
+            matches!(err, PlanError::TooLarge { max_bytes: 9, .. }),
+            "{err}"
+        );
+        let err = read_scenario(dir.path(), 100).unwrap_err();
+        assert!(matches!(err, PlanError::NotAFile { .. }), "{err}");
+        let err = read_scenario(Path::new("/dev/null"), 100).unwrap_err();
+        assert!(matches!(err, PlanError::NotAFile { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fifo");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = read_scenario(&path, 100).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("scenario {} is not a regular file", path.display())
+        );
+    }
+
+    #[test]
+    fn rounds_are_bounded() {
+        let err = run_simulate_command(Path::new("/nonexistent"), "band", MAX_ROUNDS + 1, false)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "--rounds must be at most {MAX_ROUNDS}, found {}",
+                MAX_ROUNDS + 1
+            )
+        );
+    }
 }

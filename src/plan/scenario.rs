@@ -14,6 +14,16 @@ use serde_json::{Map, Value};
 
 use super::PlanError;
 
+/// The most hosts a scenario file may list. The limits on entries bound the work of a round, which grows much faster
+/// than the entries: idc and sandpiper try each VM of each hotspot on every other host with a projected copy of the
+/// whole scenario. Measured on a release build, a scenario at these limits with half the hosts hot and no
+/// destination with room takes about 40 s a round; one at ten times the limits did not finish a round in 2 minutes.
+pub const MAX_HOSTS: usize = 100;
+/// The most VMs a scenario file may list (see [`MAX_HOSTS`]).
+pub const MAX_VMS: usize = 1_000;
+/// The most traffic flows a scenario file may list (see [`MAX_HOSTS`]).
+pub const MAX_FLOWS: usize = 10_000;
+
 /// A cluster at one sampling instant.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Scenario {
@@ -142,7 +152,8 @@ impl fmt::Display for Entry {
 }
 
 impl Scenario {
-    /// Parses and validates a scenario from JSON text.
+    /// Parses and validates a scenario from JSON text. Lists longer than [`MAX_HOSTS`], [`MAX_VMS`] or [`MAX_FLOWS`]
+    /// are refused before their entries are read.
     pub fn from_json(text: &str) -> Result<Scenario, PlanError> {
         let root: Value = serde_json::from_str(text).map_err(|e| PlanError::Syntax {
             reason: e.to_string(),
@@ -154,22 +165,25 @@ impl Scenario {
             &["description", "hosts", "vms", "traffic", "tuning"],
         )?;
         let description = top.opt_string("description")?;
-        let hosts = top
-            .list("hosts")?
+        let hosts = bounded(top.list("hosts")?, "hosts", MAX_HOSTS)?;
+        let vms = bounded(top.list("vms")?, "vms", MAX_VMS)?;
+        let traffic = match root.get("traffic") {
+            None => None,
+            Some(_) => Some(bounded(top.list("traffic")?, "traffic flows", MAX_FLOWS)?),
+        };
+        let hosts = hosts
             .iter()
             .enumerate()
             .map(|(i, v)| parse_host(i, v))
             .collect::<Result<Vec<_>, _>>()?;
-        let vms = top
-            .list("vms")?
+        let vms = vms
             .iter()
             .enumerate()
             .map(|(i, v)| parse_vm(i, v))
             .collect::<Result<Vec<_>, _>>()?;
-        let traffic = match root.get("traffic") {
+        let traffic = match traffic {
             None => Vec::new(),
-            Some(_) => top
-                .list("traffic")?
+            Some(t) => t
                 .iter()
                 .enumerate()
                 .map(|(i, v)| parse_flow(i, v))
@@ -415,6 +429,35 @@ fn figure(
     Ok(())
 }
 
+/// Most of a JSON value an error message quotes.
+const SHOWN_CHARS: usize = 60;
+
+/// A JSON value as an error message quotes it: short (a misplaced object can be most of the file) and printable
+/// (JSON escapes C0 controls but leaves C1 controls such as CSI as they are).
+fn shown(v: &Value) -> String {
+    let text = v.to_string();
+    let text = match text.char_indices().nth(SHOWN_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    };
+    crate::text::printable(&text).into_owned()
+}
+
+fn bounded<'a>(
+    list: &'a [Value],
+    name: &'static str,
+    max: usize,
+) -> Result<&'a [Value], PlanError> {
+    if list.len() > max {
+        return Err(PlanError::TooMany {
+            list: name,
+            count: list.len(),
+            max,
+        });
+    }
+    Ok(list)
+}
+
 fn as_object<'a>(v: &'a Value, entry: &Entry) -> Result<&'a Map<String, Value>, PlanError> {
     v.as_object().ok_or_else(|| PlanError::Invalid {
         entry: entry.clone(),
@@ -478,7 +521,7 @@ impl<'a> Obj<'a> {
             }),
             Some(_) => Err(PlanError::Invalid {
                 entry: self.entry.clone(),
-                reason: format!("{field} must be a whole number, found {v}"),
+                reason: format!("{field} must be a whole number, found {}", shown(v)),
             }),
             None => Err(self.not_a_number(field, v)),
         }
@@ -504,7 +547,7 @@ impl<'a> Obj<'a> {
                 .collect(),
             Some(v) => Err(PlanError::Invalid {
                 entry: self.entry.clone(),
-                reason: format!("{field} must be a list of numbers, found {v}"),
+                reason: format!("{field} must be a list of numbers, found {}", shown(v)),
             }),
         }
     }
@@ -515,7 +558,7 @@ impl<'a> Obj<'a> {
             .map(str::to_owned)
             .ok_or_else(|| PlanError::Invalid {
                 entry: self.entry.clone(),
-                reason: format!("{field} must be a string, found {v}"),
+                reason: format!("{field} must be a string, found {}", shown(v)),
             })
     }
 
@@ -530,7 +573,7 @@ impl<'a> Obj<'a> {
         let v = self.get(field)?;
         v.as_array().ok_or_else(|| PlanError::Invalid {
             entry: self.entry.clone(),
-            reason: format!("{field} must be a list, found {v}"),
+            reason: format!("{field} must be a list, found {}", shown(v)),
         })
     }
 
@@ -538,7 +581,7 @@ impl<'a> Obj<'a> {
         PlanError::NotANumber {
             entry: self.entry.clone(),
             field,
-            found: found.to_string(),
+            found: shown(found),
         }
     }
 }
@@ -559,7 +602,7 @@ fn named<'a>(
         }),
         Some(other) => Err(PlanError::Invalid {
             entry: nth,
-            reason: format!("name must be a non-empty string, found {other}"),
+            reason: format!("name must be a non-empty string, found {}", shown(other)),
         }),
     }
 }
@@ -786,6 +829,49 @@ mod tests {
             let err = Scenario::from_json(&with(*edit)).unwrap_err();
             assert_eq!(err.to_string(), *want);
         }
+    }
+
+    #[test]
+    fn entry_lists_are_bounded() {
+        fn many(n: usize) -> Value {
+            Value::Array(vec![Value::Null; n])
+        }
+        type Edit = fn(&mut Value);
+        let cases: &[(&str, Edit)] = &[
+            ("scenario lists 101 hosts, above the limit of 100", |v| {
+                v["hosts"] = many(MAX_HOSTS + 1)
+            }),
+            ("scenario lists 1001 vms, above the limit of 1000", |v| {
+                v["vms"] = many(MAX_VMS + 1)
+            }),
+            (
+                "scenario lists 10001 traffic flows, above the limit of 10000",
+                |v| v["traffic"] = many(MAX_FLOWS + 1),
+            ),
+        ];
+        for (want, edit) in cases {
+            let err = Scenario::from_json(&with(*edit)).unwrap_err();
+            assert_eq!(err.to_string(), *want);
+        }
+    }
+
+    #[test]
+    fn quoted_values_are_short_and_printable() {
+        let err = Scenario::from_json(&with(|v| {
+            v["vms"][0]["nic_mbps"] = "\u{9b}31m".into();
+        }))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"vm "VM1": nic_mbps must be a number, found "\u{9b}31m""#
+        );
+        let err = Scenario::from_json(&with(|v| {
+            v["vms"][0]["host"] = Value::Array(vec![Value::from("x".repeat(200))]);
+        }))
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.ends_with("xxx…"), "{msg}");
+        assert!(msg.len() < 150, "{msg}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use super::model;
 use super::scenario::{Host, Scenario};
 use super::{plan_round, Decision, Policy, RoundPlan};
+use crate::text::printable;
 
 /// Samples kept per host for the AR(1) prediction.
 pub const HISTORY_LEN: usize = 10;
@@ -113,6 +114,8 @@ pub fn render_json(sim: &Simulation) -> String {
 }
 
 /// A plain-text account: per round, the host figures the policy saw, its notes, and each decision with its reason.
+/// Host and VM names come from the scenario file, so every text that can hold one is passed through
+/// [`printable`] on its way to the terminal.
 pub fn render_text(sim: &Simulation) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
@@ -128,11 +131,14 @@ pub fn render_text(sim: &Simulation) -> String {
             let _ = writeln!(
                 out,
                 "  {:<12} {:>7.2} {:>7.2} {:>11.1}",
-                h.name, h.cpu_pct, h.nic_pct, h.swap_writes_per_s
+                printable(&h.name),
+                h.cpu_pct,
+                h.nic_pct,
+                h.swap_writes_per_s
             );
         }
         for n in &r.plan.notes {
-            let _ = writeln!(out, "  note: {n}");
+            let _ = writeln!(out, "  note: {}", printable(n));
         }
         if r.plan.decisions.is_empty() {
             let _ = writeln!(out, "  no decision");
@@ -146,8 +152,14 @@ pub fn render_text(sim: &Simulation) -> String {
                     reason,
                     figures,
                 } => {
-                    let _ = writeln!(out, "  migrate {vm}: {from} -> {to}");
-                    let _ = writeln!(out, "    why: {reason}");
+                    let _ = writeln!(
+                        out,
+                        "  migrate {}: {} -> {}",
+                        printable(vm),
+                        printable(from),
+                        printable(to)
+                    );
+                    let _ = writeln!(out, "    why: {}", printable(reason));
                     let figs: Vec<String> = figures
                         .iter()
                         .map(|f| format!("{}={:.3}", f.name, f.value))
@@ -163,9 +175,11 @@ pub fn render_text(sim: &Simulation) -> String {
                 } => {
                     let _ = writeln!(
                         out,
-                        "  balloon {vm} on {host}: {from_mib} MiB -> {to_mib} MiB"
+                        "  balloon {} on {}: {from_mib} MiB -> {to_mib} MiB",
+                        printable(vm),
+                        printable(host)
                     );
-                    let _ = writeln!(out, "    why: {reason}");
+                    let _ = writeln!(out, "    why: {}", printable(reason));
                 }
             }
         }

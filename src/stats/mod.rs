@@ -320,6 +320,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 impl Snapshot {
     /// A table for people: one row per VM, then each class with its evidence, then errors and the host.
     pub fn to_table(&self) -> String {
+        use crate::text::printable;
         use std::fmt::Write;
         let mib = |b: f64| b / (1024.0 * 1024.0);
         let kib = |b: f64| b / 1024.0;
@@ -340,15 +341,17 @@ impl Snapshot {
             "tx KiB/s",
             "disk KiB/s"
         );
+        // Socket names, run states, notes and errors come from files and peers: printed through `printable`.
         for vm in &self.vms {
             let name = std::path::Path::new(&vm.socket)
                 .file_name()
                 .map_or(vm.socket.clone(), |n| n.to_string_lossy().into_owned());
+            let name = printable(&name);
             let Some(s) = &vm.sample else {
                 let _ = writeln!(
                     out,
                     "{name:<24} error     {}",
-                    vm.error.as_deref().unwrap_or("?")
+                    printable(vm.error.as_deref().unwrap_or("?"))
                 );
                 continue;
             };
@@ -366,7 +369,7 @@ impl Snapshot {
             let _ = writeln!(
                 out,
                 "{name:<24} {:<9} {:>6} {:>8.0} {:>9} {:>10} {:>10} {:>10} {:>11}  {}",
-                s.run_state,
+                printable(&s.run_state),
                 opt(f.cpu_pct, &|v| v),
                 ram,
                 opt(avail, &mib),
@@ -392,7 +395,7 @@ impl Snapshot {
                 let _ = writeln!(out, "    {}: {}", label.class, why.join("; "));
             }
             for note in &s.notes {
-                let _ = writeln!(out, "    note: {note}");
+                let _ = writeln!(out, "    note: {}", printable(note));
             }
         }
         match (&self.host, &self.host_error) {
@@ -413,7 +416,11 @@ impl Snapshot {
                 );
             }
             (None, e) => {
-                let _ = writeln!(out, "host: {}", e.as_deref().unwrap_or("no sample"));
+                let _ = writeln!(
+                    out,
+                    "host: {}",
+                    printable(e.as_deref().unwrap_or("no sample"))
+                );
             }
         }
         out
