@@ -354,8 +354,15 @@ pub async fn migrate(
 
     // Set-up: what it changes on the source is undone if QEMU refuses any of it.
     let caps_before = src.execute(&QueryMigrateCapabilities {}).await.ok();
-    let uri = req.uri.clone().unwrap_or_else(default_uri);
+    let (uri, stream_dir) = match &req.uri {
+        Some(u) => (u.clone(), None),
+        None => {
+            let (u, d) = private_stream(&dst)?;
+            (u, Some(d))
+        }
+    };
     let mut run = Run::new(req, src, dst, dst_process, uri, false);
+    run.stream_dir = stream_dir;
     run.report.ram_bytes = ram_bytes;
     run.report.dirty_rate_before = dirty_rate_before;
     run.report.predicted = predicted;
@@ -421,13 +428,16 @@ async fn adopt(
         }
     }
     .map_err(MigrateError::Destination)?;
-    let uri = req
-        .uri
-        .clone()
-        .or_else(|| mig.socket_address_uri())
-        .unwrap_or_else(default_uri);
+    let (uri, stream_dir) = match &req.uri {
+        Some(u) => (u.clone(), None),
+        None => {
+            let (u, d) = private_stream(&dst)?;
+            (u, Some(d))
+        }
+    };
     info!(vm = %src_label, destination = %dst.label(), %status, "taking over the migration under way");
     let mut run = Run::new(req, src, dst, None, uri, true);
+    run.stream_dir = stream_dir;
     run.last = mig;
     run.report.ram_bytes = run.last.ram.as_ref().map_or(0, |r| r.total);
     let (machine, decision) = Machine::adopting(run.machine.rules.clone(), &status, Duration::ZERO);
@@ -457,6 +467,8 @@ struct Run<'a> {
     dst_gone_seen: bool,
     paused_at: Option<Instant>,
     max_throttle: u64,
+    /// The private directory of a default UNIX stream, removed with the run.
+    stream_dir: Option<tempfile::TempDir>,
     report: MigrationReport,
 }
 
@@ -531,6 +543,7 @@ impl<'a> Run<'a> {
             dst_gone_seen: false,
             paused_at: None,
             max_throttle: 0,
+            stream_dir: None,
             report,
         }
     }
@@ -1182,9 +1195,13 @@ impl<'a> Run<'a> {
                 drop(p);
             }
         }
+        // Our default stream goes with its directory; a socket QEMU made for a --uri unix:PATH is removed only if
+        // it still is a socket (never following a link), and never while a paused postcopy may need it.
+        drop(self.stream_dir.take());
         if outcome != Outcome::Paused {
-            for uri in std::iter::once(self.report.uri.clone()) {
-                if let Some(path) = uri.strip_prefix("unix:") {
+            if let Some(path) = self.report.uri.strip_prefix("unix:") {
+                use std::os::unix::fs::FileTypeExt;
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
                     let _ = std::fs::remove_file(path);
                 }
             }
@@ -1220,13 +1237,6 @@ impl<'a> Run<'a> {
         r.interrupted = self.interrupted;
         info!(vm = %r.vm, outcome = ?r.outcome, total_ms = r.total_time_ms, "migration finished");
         self.report
-    }
-}
-
-impl MigrationInfo {
-    /// The URI of a migration under way, when QEMU reports it (QEMU reports none for most transports).
-    fn socket_address_uri(&self) -> Option<String> {
-        None
     }
 }
 
@@ -1300,20 +1310,28 @@ fn version_string(q: &Qmp) -> String {
     format!("{a}.{b}.{c}")
 }
 
-fn default_uri() -> String {
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+/// The default migration stream: a UNIX socket in a private directory of its own (mode 0700, a fresh random
+/// name), never a guessable path in a shared directory. The directory goes to the destination QEMU's user, who
+/// binds the socket; it is removed with the returned handle.
+fn private_stream(dst: &Qmp) -> Result<(String, tempfile::TempDir), MigrateError> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|d| d.is_dir())
         .unwrap_or_else(std::env::temp_dir);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!(
-        "unix:{}",
-        dir.join(format!("qmigrate-{}-{nanos}.migrate", std::process::id()))
-            .display()
-    )
+    let dir = tempfile::Builder::new()
+        .prefix("qmigrate-")
+        .tempdir_in(&base)
+        .map_err(|e| MigrateError::Uri {
+            uri: format!("unix:{}/…", base.display()),
+            reason: format!("cannot create a private directory for the stream: {e}"),
+        })?;
+    if let Some(pid) = dst.peer_pid() {
+        if let Ok(id) = launch::qemu_identity(pid) {
+            let _ = std::os::unix::fs::chown(dir.path(), Some(id.uid), Some(id.gid));
+        }
+    }
+    let uri = format!("unix:{}", dir.path().join("stream.sock").display());
+    Ok((uri, dir))
 }
 
 async fn launch_destination(

@@ -122,6 +122,17 @@ pub struct IfCounters {
 }
 
 pub fn read_if_counters(ifname: &str) -> std::io::Result<IfCounters> {
+    // The name comes from the peer (HMP `info network`): a Linux interface name (at most 15 bytes, no `/`, not
+    // `.` or `..`), or no path is built from it at all.
+    if !is_interface_name(ifname) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{:?} is not a network interface name",
+                crate::text::printable(ifname)
+            ),
+        ));
+    }
     let dir = Path::new("/sys/class/net").join(ifname).join("statistics");
     let read = |name: &str| -> std::io::Result<u64> {
         let text = std::fs::read_to_string(dir.join(name))?;
@@ -149,8 +160,39 @@ pub fn read_thread_ticks(pid: i32, tid: i64) -> std::io::Result<u64> {
     })
 }
 
+/// A Linux network interface name: 1–15 bytes, no `/`, white space or NUL, not `.` or `..`.
+pub fn is_interface_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == 0 || b.is_ascii_whitespace() || b.is_ascii_control())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn interface_names_from_the_peer_are_checked_before_a_path_is_built() {
+        for (name, ok) in [
+            ("tap0", true),
+            ("qm123t4", true),
+            ("veth-a.b_c", true),
+            ("", false),
+            (".", false),
+            ("..", false),
+            ("../../etc", false),
+            ("a/b", false),
+            ("sixteen-chars-xx", false),
+            ("tab\there", false),
+        ] {
+            assert_eq!(super::is_interface_name(name), ok, "{name:?}");
+        }
+        let err = super::read_if_counters("../../etc").unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    }
+
     use super::*;
 
     #[test]

@@ -412,3 +412,63 @@ async fn launch_dst_with_a_second_monitor_takes_nothing_of_the_source() {
         "NUL bytes in the source's serial log"
     );
 }
+
+/// The destination QEMU stopped (SIGSTOP) for a few seconds in precopy: the stream stalls, then goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_stopped_for_a_while_in_precopy_completes() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    let dst = bed.destination("dst").await;
+    let running = spawn_until(
+        &migrate_args(&src, &dst, "--bandwidth 16MiB/s --timeout 120s"),
+        "migration started",
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = nix::unistd::Pid::from_raw(bed.pid_of(&dst));
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    let run = running.finish(Duration::from_secs(120)).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json()["outcome"], "completed");
+    assert_eq!(run_state(&dst).await, "running");
+    assert_eq!(run_state(&src).await, "postmigrate");
+}
+
+/// The source's QMP connection dropped mid-precopy (a proxy in between that goes away): QEMU carries on with the
+/// migration; qmigrate, unable to see the source, asks the destination and touches nothing until it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_qmp_connection_dropped_touches_nothing_and_reads_the_destination() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    let dst = bed.destination("dst").await;
+    let proxy = DroppingProxy::start(&src, bed.path("proxy.qmp")).await;
+    let running = spawn_until(
+        &migrate_args(
+            &proxy.path,
+            &dst,
+            "--bandwidth 16MiB/s --timeout 120s --dirty-rate-sample 0",
+        ),
+        "migration started",
+        Duration::from_secs(60),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(proxy);
+    let run = running.finish(Duration::from_secs(120)).await;
+    let r = run.json();
+    assert!(
+        r["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["phase"] == "source-lost"),
+        "{run:?}"
+    );
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(r["outcome"], "completed");
+    assert_eq!(run_state(&dst).await, "running");
+    assert_eq!(run_state(&src).await, "postmigrate");
+}
