@@ -445,7 +445,16 @@ async fn adopt(
     run.trail(decision.why.clone());
     run.carry_out(decision).await;
     if req.takeover == Takeover::Cancel {
-        cancel.cancel();
+        // The cancel asked for, carried out through the same rows as an interrupt; it is not one (exit 5, not 7).
+        run.interrupted = true;
+        let d = run.machine.decide(&Observation::Interrupt, run.now());
+        run.trail(d.why.clone());
+        if let Some(o) = run.carry_out(d).await {
+            run.feed(o).await;
+        }
+        let mut report = run.drive(cancel, progress).await;
+        report.interrupted = false;
+        return Ok(report);
     }
     Ok(run.drive(cancel, progress).await)
 }

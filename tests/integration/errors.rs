@@ -128,6 +128,19 @@ async fn qmp_error_reply_names_the_command_and_loses_nothing() {
     let mut bed = Bed::new();
     let src = bed.source("src", "idle").await;
     let dst = bed.destination("dst").await;
+    let caps = |path: std::path::PathBuf| async move {
+        let mut c: Vec<(String, bool)> = qmp(&path)
+            .await
+            .execute(&qmigrate::qmp::types::QueryMigrateCapabilities {})
+            .await
+            .expect("query-migrate-capabilities")
+            .into_iter()
+            .map(|c| (c.capability, c.state))
+            .collect();
+        c.sort();
+        c
+    };
+    let caps_before = caps(src.clone()).await;
     let run = qmigrate(
         &[
             "migrate",
@@ -151,6 +164,8 @@ async fn qmp_error_reply_names_the_command_and_loses_nothing() {
     );
     assert!(run.stderr.contains("`migrate-incoming` failed"), "{run:?}");
     assert_eq!(run_state(&src).await, "running");
+    // The capabilities the refused set-up had changed on the source are back as they were.
+    assert_eq!(caps(src.clone()).await, caps_before);
 }
 
 #[tokio::test]
@@ -169,7 +184,7 @@ async fn invalid_arguments() {
             &["--recover-for", "ever"],
             "--recover-for \"ever\": not a duration",
         ),
-        (&["--verify", "-1s"], "--verify"),
+        (&["--verify", "soon"], "--verify \"soon\": not a duration"),
         (&["--bandwidth", "fast"], "--bandwidth \"fast\": not a rate"),
         (
             &["--max-downtime", "100ms"],

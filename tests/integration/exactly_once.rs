@@ -472,3 +472,31 @@ async fn source_qmp_connection_dropped_touches_nothing_and_reads_the_destination
     assert_eq!(run_state(&dst).await, "running");
     assert_eq!(run_state(&src).await, "postmigrate");
 }
+
+/// `qmigrate cancel` on a precopy a dead qmigrate left under way: cancelled, the destination read back as not
+/// running, the source runs on (exit 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_command_ends_a_precopy_left_by_a_dead_qmigrate() {
+    let mut bed = Bed::new();
+    let src = bed.source("src", "idle").await;
+    let dst = bed.destination("dst").await;
+    let running = spawn_until(
+        &migrate_args(&src, &dst, "--bandwidth 4MiB/s --timeout 120s"),
+        "migration started",
+        Duration::from_secs(60),
+    )
+    .await;
+    running.signal(Signal::SIGKILL);
+    let _ = running.finish(Duration::from_secs(10)).await;
+    let run = qmigrate(
+        &["cancel", "--from", s(&src), "--to", s(&dst), "--json"],
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(run.code, 5, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "cancelled");
+    assert_eq!(r["adopted"], true);
+    assert_eq!(run_state(&src).await, "running");
+    assert_ne!(run_state_or_gone(&dst).await, "running");
+}
