@@ -3,7 +3,11 @@
  *   workload dirty MiB [MiB/s]      random writes over MiB of memory, as fast as possible or rate-limited
  *   workload netrecv PORT           TCP listener that discards everything it receives
  *   workload disk DEVICE            continuous writes over a block device
- * Each prints one "ready" line to stdout once its steady state begins. */
+ *   workload ticks MS               prints "tick N" (N = 1, 2, 3, ...) every MS ms, forever
+ * Each but ticks prints one "ready" line to stdout once its steady state begins. ticks prints none: it runs beside
+ * another workload (init starts it for the kernel parameter ticks=MS), and a "ready" line from it would let a
+ * harness think the main workload is ready. Its counter lives in guest memory, so it survives a migration, and a
+ * guest that ran twice from one state, or was rolled back, shows on the consoles as a repeated or lower N. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -99,11 +103,32 @@ static int disk(const char *dev) {
     }
 }
 
+static int ticks(long ms) {
+    if (ms <= 0) { fprintf(stderr, "ticks: MS must be positive\n"); return 2; }
+    /* Sleep to absolute deadlines, so the rate holds however long a printf takes; after a long gap (the guest
+     * paused for a migration) start afresh instead of printing a burst. */
+    struct timespec next;
+    clock_gettime(CLOCK_MONOTONIC, &next);
+    for (uint64_t n = 1;; n++) {
+        printf("tick %llu\n", (unsigned long long)n);
+        fflush(stdout);
+        next.tv_nsec += (ms % 1000) * 1000000L;
+        next.tv_sec += ms / 1000 + next.tv_nsec / 1000000000L;
+        next.tv_nsec %= 1000000000L;
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec > next.tv_sec + 1) next = now;
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL) == EINTR) {}
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "cpu")) return cpu();
     if (argc >= 3 && !strcmp(argv[1], "dirty")) return dirty(atol(argv[2]), argc >= 4 ? atol(argv[3]) : 0);
     if (argc >= 3 && !strcmp(argv[1], "netrecv")) return netrecv(atoi(argv[2]));
     if (argc >= 3 && !strcmp(argv[1], "disk")) return disk(argv[2]);
-    fprintf(stderr, "usage: workload cpu | dirty MiB [MiB/s] | netrecv PORT | disk DEVICE\n");
+    if (argc >= 3 && !strcmp(argv[1], "ticks")) return ticks(atol(argv[2]));
+    fprintf(stderr, "usage: workload cpu | dirty MiB [MiB/s] | netrecv PORT | disk DEVICE | ticks MS\n");
     return 2;
 }
