@@ -261,3 +261,30 @@ async fn tcp_and_byte_stream_transports() {
     );
     let _ = child.kill().await;
 }
+
+/// `--launch-dst` starts a destination only from a QEMU: a peer whose executable is something else (here this
+/// test binary) is refused, and never re-executed.
+#[tokio::test]
+async fn launch_dst_refuses_a_peer_that_is_not_qemu() {
+    let bed = Bed::new();
+    let path = fake_peer(&bed, "not-qemu.sock", |line, mut w| async move {
+        let reply = if line.contains("query-status") {
+            r#"{"status": "running", "running": true}"#
+        } else {
+            "{}"
+        };
+        w.write_all(format!("{{\"return\": {reply}, \"id\": {}}}\n", id_of(&line)).as_bytes())
+            .await
+            .unwrap();
+        w
+    })
+    .await;
+    let run = crate::harness::qmigrate(
+        &["migrate", "--from", path.to_str().unwrap(), "--launch-dst"],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stderr.contains("which is not QEMU"), "{run:?}");
+    assert!(!bed.path("not-qemu.sock.incoming").exists(), "{run:?}");
+}
