@@ -261,6 +261,8 @@ pub struct Machine {
     pub postcopy_started: bool,
     /// Recovery attempts made, for the report.
     pub recover_attempts: u32,
+    /// The guest reset or shut down on the destination after the switch-over: its own doing.
+    pub guest_shutdown: bool,
 }
 
 impl Machine {
@@ -270,6 +272,7 @@ impl Machine {
             rules,
             postcopy_started: false,
             recover_attempts: 0,
+            guest_shutdown: false,
         }
     }
 
@@ -299,6 +302,14 @@ impl Machine {
 
     /// The decision for `obs` at time `now` (since the migration started). Moves to the next phase.
     pub fn decide(&mut self, obs: &Observation, now: Duration) -> Decision {
+        if obs == &Observation::Guest(GuestEvent::ResetOrShutdown)
+            && matches!(
+                self.phase,
+                Phase::SwitchedOver { .. } | Phase::Verifying { .. }
+            )
+        {
+            self.guest_shutdown = true;
+        }
         let (next, decision) = self.next(obs, now);
         if let Some(p) = next {
             if matches!(p, Phase::Postcopy | Phase::PostcopyPaused { .. }) {
@@ -1160,6 +1171,29 @@ mod tests {
         for (status, want) in table {
             let (m, _) = Machine::adopting(Rules::default(), status, s(0));
             assert_eq!(kind(&m.phase), want, "{status}");
+        }
+    }
+
+    /// Under -no-reboot a guest's own reset ends its QEMU: the SHUTDOWN event comes first, then the QEMU goes.
+    /// That is the guest's doing, with or without --verify: no rollback, no "lost".
+    #[test]
+    fn a_guest_shutdown_then_its_qemu_exiting_is_the_guests_doing() {
+        for verify in [Duration::ZERO, s(5)] {
+            let mut m = Machine::new(Rules {
+                verify,
+                ..Rules::default()
+            });
+            m.phase = switched(false);
+            m.decide(&O::Guest(GuestEvent::ResetOrShutdown), s(10));
+            let d = m.decide(&O::DestinationGone, s(10));
+            assert!(!d.commands.contains(&C::ResumeSourceIfPaused), "{d:?}");
+            assert_eq!(
+                m.outcome().map(|o| o.0),
+                Some(Outcome::Completed),
+                "{:?}",
+                m.phase
+            );
+            assert!(m.guest_shutdown);
         }
     }
 

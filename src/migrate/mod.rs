@@ -774,6 +774,13 @@ impl<'a> Run<'a> {
                 }
                 _ = self.dst.closed(), if !self.dst_gone_seen => {
                     self.dst_gone_seen = true;
+                    // Events the destination sent before it went (a guest's own SHUTDOWN under -no-reboot) come
+                    // first: they say why it went.
+                    while let Ok(ev) = self.dst_events.try_recv() {
+                        if let Some(g) = guest_event(&ev) {
+                            self.feed(Observation::Guest(g)).await;
+                        }
+                    }
                     Some(Observation::DestinationGone)
                 }
             };
@@ -1188,11 +1195,7 @@ impl<'a> Run<'a> {
             machine::Outcome::Paused => Outcome::Paused,
             machine::Outcome::Lost => Outcome::Lost,
         };
-        let guest_shutdown = self.report.phases.iter().any(|p| {
-            p.why.as_deref().is_some_and(|w| {
-                w.contains("reset or shut down") || w.contains("shut down or reset")
-            })
-        });
+        let guest_shutdown = self.machine.guest_shutdown;
         let wall_ms = self.now().as_millis() as u64;
         let completed = outcome == Outcome::Completed;
         let final_state = final_state(&self.src, &self.dst, completed, guest_shutdown).await;
