@@ -273,16 +273,19 @@ pub async fn migrate(
         });
     }
 
-    // The destination: an existing QEMU in incoming state, or one we start from the source's command line.
+    // The destination: an existing QEMU in incoming state, or one we start from the source's command line. Its
+    // connection runs out of band where QEMU offers it: a postcopy destination waiting for pages blocks its main
+    // loop, and only an out-of-band `migrate-recover` reaches it then.
+    let dst_connect = destination_connect(req);
     let (dst, dst_process) = match &req.destination {
         Destination::Qmp(spec) => (
-            Qmp::connect(spec, &req.connect)
+            Qmp::connect(spec, &dst_connect)
                 .await
                 .map_err(MigrateError::Destination)?,
             None,
         ),
         Destination::Launch { qmp_path } => {
-            let (qmp, process) = launch_destination(&src, qmp_path.clone(), &req.connect).await?;
+            let (qmp, process) = launch_destination(&src, qmp_path.clone(), &dst_connect).await?;
             (qmp, Some(process))
         }
     };
@@ -417,14 +420,15 @@ async fn adopt(
             _ => "adopt",
         }));
     }
+    let dst_connect = destination_connect(req);
     let dst = match &req.destination {
-        Destination::Qmp(spec) => Qmp::connect(spec, &req.connect).await,
+        Destination::Qmp(spec) => Qmp::connect(spec, &dst_connect).await,
         Destination::Launch { qmp_path } => {
             let base = src_label.strip_prefix("unix:").unwrap_or(&src_label);
             let path = qmp_path
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("{base}.incoming")));
-            Qmp::connect_unix(&path, &req.connect).await
+            Qmp::connect_unix(&path, &dst_connect).await
         }
     }
     .map_err(MigrateError::Destination)?;
@@ -1131,28 +1135,19 @@ impl<'a> Run<'a> {
                 result,
             });
         };
-        // The destination must itself have noticed the broken stream before it accepts migrate-recover.
-        let dst_status = self
+        // Out of band: the destination's main loop may be blocked on a page that will not come. QEMU refuses it
+        // until the destination itself has noticed the broken stream (then the backoff retries); a destination
+        // already listening from an earlier attempt is fine.
+        if let Err(e) = self
             .dst
-            .execute_timeout(&QueryMigrate {}, QUERY_TIMEOUT)
+            .execute_oob(&qmp::migrate_recover { uri: uri.clone() }, QUERY_TIMEOUT)
             .await
-            .ok()
-            .and_then(|i| i.status)
-            .unwrap_or_default();
-        if dst_status == "postcopy-paused" {
-            if let Err(e) = self
-                .dst
-                .execute_timeout(&qmp::migrate_recover { uri: uri.clone() }, QUERY_TIMEOUT)
-                .await
-            {
-                let e = e.to_string();
+        {
+            let e = e.to_string();
+            if !e.contains("already") {
                 record(self, format!("migrate-recover: {e}"));
                 return Some(Observation::RecoverFailed(e));
             }
-        } else if dst_status != "postcopy-recover-setup" && dst_status != "postcopy-recover" {
-            let e = format!("the destination reports {dst_status:?}, not postcopy-paused");
-            record(self, e.clone());
-            return Some(Observation::RecoverFailed(e));
         }
         match self
             .src
@@ -1273,6 +1268,14 @@ fn ladder_observation(info: &MigrationInfo, elapsed: Duration) -> ladder::Observ
         remaining_bytes: ram.remaining,
         throughput_bytes_per_s: ram.throughput_bytes_per_s(),
         dirty_rate_bytes_per_s: ram.dirty_rate_bytes_per_s() as f64,
+    }
+}
+
+/// How the destination is connected: as asked, with out-of-band execution.
+fn destination_connect(req: &MigrationRequest) -> ConnectOptions {
+    ConnectOptions {
+        oob: true,
+        ..req.connect.clone()
     }
 }
 

@@ -31,6 +31,10 @@ pub struct ConnectOptions {
     pub handshake_timeout: Duration,
     /// Timeout of commands run through [`Qmp::execute`].
     pub command_timeout: Duration,
+    /// Enable out-of-band execution when the peer offers it, so that [`Qmp::execute_oob`] reaches a QEMU whose main
+    /// loop is blocked (a postcopy destination waiting for pages that will not come: `migrate-recover` must get
+    /// through).
+    pub oob: bool,
 }
 
 impl Default for ConnectOptions {
@@ -38,6 +42,7 @@ impl Default for ConnectOptions {
         ConnectOptions {
             handshake_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(10),
+            oob: false,
         }
     }
 }
@@ -69,6 +74,8 @@ struct Shared {
     events: broadcast::Sender<QmpEvent>,
     next_id: AtomicU64,
     greeting: Greeting,
+    /// Out-of-band execution was enabled at the handshake.
+    oob: bool,
     command_timeout: Duration,
     peer_pid: Option<i32>,
     closed: CancellationToken,
@@ -173,7 +180,12 @@ impl Qmp {
             let Decoded::Greeting(greeting) = decode_line(&first) else {
                 return Err(not_qmp(format!("unexpected greeting {}", snippet(&first))));
             };
-            let line = json!({"execute": "qmp_capabilities", "id": 0}).to_string() + "\n";
+            let oob = opts.oob && greeting.capabilities.iter().any(|c| c == "oob");
+            let mut caps = json!({"execute": "qmp_capabilities", "id": 0});
+            if oob {
+                caps["arguments"] = json!({"enable": ["oob"]});
+            }
+            let line = caps.to_string() + "\n";
             writer
                 .write_all(line.as_bytes())
                 .await
@@ -198,7 +210,7 @@ impl Qmp {
                     Decoded::Reply {
                         outcome: ReplyOutcome::Return(_),
                         ..
-                    } => return Ok(greeting),
+                    } => return Ok((greeting, oob)),
                     Decoded::Reply {
                         outcome: ReplyOutcome::Error { class, desc },
                         ..
@@ -215,7 +227,7 @@ impl Qmp {
                 }
             }
         };
-        let greeting = tokio::time::timeout(opts.handshake_timeout, negotiate)
+        let (greeting, oob) = tokio::time::timeout(opts.handshake_timeout, negotiate)
             .await
             .map_err(|_| QmpError::NotQmp {
                 socket: label.clone(),
@@ -234,6 +246,7 @@ impl Qmp {
             events: ev_tx.clone(),
             next_id: AtomicU64::new(1),
             greeting,
+            oob,
             command_timeout: opts.command_timeout,
             peer_pid,
             closed: closed.clone(),
@@ -295,6 +308,35 @@ impl Qmp {
         decode(&self.shared.label, C::NAME, v)
     }
 
+    /// Runs a typed command out of band (`exec-oob`) when the connection enabled it and QEMU allows it for this
+    /// command, so it is served even while QEMU's main loop is blocked; in band otherwise.
+    pub async fn execute_oob<C: qapi::Command>(
+        &self,
+        cmd: &C,
+        timeout: Duration,
+    ) -> Result<C::Ok, QmpError> {
+        if !(self.shared.oob && C::ALLOW_OOB) {
+            return self.execute_timeout(cmd, timeout).await;
+        }
+        let args = serde_json::to_value(cmd).map_err(|source| QmpError::Decode {
+            socket: self.shared.label.clone(),
+            command: C::NAME.into(),
+            source,
+        })?;
+        let args = match args {
+            Value::Object(m) if m.is_empty() => None,
+            Value::Null => None,
+            v => Some(v),
+        };
+        let v = self.exchange("exec-oob", C::NAME, args, timeout).await?;
+        decode(&self.shared.label, C::NAME, v)
+    }
+
+    /// True when out-of-band execution was enabled at the handshake.
+    pub fn has_oob(&self) -> bool {
+        self.shared.oob
+    }
+
     /// Runs a command given by name with raw JSON arguments.
     pub async fn execute_raw(
         &self,
@@ -302,8 +344,18 @@ impl Qmp {
         args: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, QmpError> {
+        self.exchange("execute", name, args, timeout).await
+    }
+
+    async fn exchange(
+        &self,
+        key: &str,
+        name: &str,
+        args: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, QmpError> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut msg = json!({"execute": name, "id": id});
+        let mut msg = json!({key: name, "id": id});
         if let Some(a) = args {
             msg["arguments"] = a;
         }
@@ -604,6 +656,7 @@ mod tests {
         ConnectOptions {
             handshake_timeout: Duration::from_secs(5),
             command_timeout: Duration::from_secs(5),
+            oob: false,
         }
     }
 

@@ -47,6 +47,7 @@ pub async fn sample_vm(socket: &str, opts: &SampleOptions) -> Result<VmSample, S
     let connect = ConnectOptions {
         handshake_timeout: opts.command_timeout,
         command_timeout: opts.command_timeout,
+        ..ConnectOptions::default()
     };
     let qmp = Qmp::connect(socket, &connect).await?;
     let mut notes = Vec::new();

@@ -708,6 +708,7 @@ async fn probe_round_trip(socket: &str, command_timeout: Duration) -> Result<Dur
     let connect = ConnectOptions {
         handshake_timeout: command_timeout,
         command_timeout,
+        ..ConnectOptions::default()
     };
     let qmp = Qmp::connect(socket, &connect).await?;
     let started = Instant::now();

@@ -500,3 +500,81 @@ async fn cancel_command_ends_a_precopy_left_by_a_dead_qmigrate() {
     assert_eq!(run_state(&src).await, "running");
     assert_ne!(run_state_or_gone(&dst).await, "running");
 }
+
+/// A postcopy stream that stays cut longer than `--recover-for`: both QEMUs are left paused and alive (exit 9),
+/// nothing is killed; once the link is back, `qmigrate recover` finishes the migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_cut_longer_than_recover_for_is_left_paused_then_recovered() {
+    let mut bed = Bed::new();
+    let mut src_mon2 = None;
+    let src = bed
+        .source_with("src", "dirty:64", |spec| {
+            src_mon2 = Some(second_monitor(spec))
+        })
+        .await;
+    let src_mon2 = src_mon2.unwrap();
+    let mut dst_mon2 = None;
+    let dst = bed
+        .destination_with("dst", |spec| dst_mon2 = Some(second_monitor(spec)))
+        .await;
+    let dst_mon2 = dst_mon2.unwrap();
+    let port = free_port();
+    let running = spawn_until(
+        &migrate_args(
+            &src,
+            &dst,
+            &format!("--uri tcp:127.0.0.1:{port} --postcopy always --bandwidth 16MiB/s --timeout 120s --recover-for 4s"),
+        ),
+        "postcopy: the guest runs on the destination now",
+        Duration::from_secs(60),
+    )
+    .await;
+    // Keep every connection to the port cut for 10 s: each recovery attempt fails too.
+    let cutter = tokio::task::spawn_blocking(move || {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < until {
+            cut_tcp(port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let run = running.finish(Duration::from_secs(60)).await;
+    assert_eq!(run.code, 9, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "paused");
+    assert!(!r["recoveries"].as_array().unwrap().is_empty(), "{run:?}");
+    assert!(
+        run.stdout.contains("qmigrate recover")
+            || r["reason"].as_str().unwrap().contains("qmigrate recover"),
+        "{run:?}"
+    );
+    // Both alive, neither killed (the destination's monitors may not answer: its main loop waits for pages);
+    // the source is not running the guest.
+    for qmp in [&src, &dst] {
+        let pid = nix::unistd::Pid::from_raw(bed.pid_of(qmp));
+        assert!(
+            nix::sys::signal::kill(pid, None).is_ok(),
+            "{} is gone",
+            qmp.display()
+        );
+    }
+    assert_ne!(run_state(&src_mon2).await, "running");
+    cutter.await.unwrap();
+    let run = qmigrate(
+        &[
+            "recover",
+            "--from",
+            s(&src),
+            "--to",
+            s(&dst),
+            "--uri",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--json",
+        ],
+        Duration::from_secs(150),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json()["outcome"], "completed");
+    assert_eq!(run_state(&dst_mon2).await, "running");
+    assert_eq!(migration_status(&src_mon2).await, "completed");
+}

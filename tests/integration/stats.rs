@@ -527,6 +527,7 @@ async fn serve_exports_prometheus_metrics_of_every_vm_and_stops_on_sigterm() {
     let opts = ConnectOptions {
         handshake_timeout: Duration::from_millis(500),
         command_timeout: Duration::from_secs(2),
+        ..ConnectOptions::default()
     };
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
