@@ -294,16 +294,7 @@ impl Qmp {
         cmd: &C,
         timeout: Duration,
     ) -> Result<C::Ok, QmpError> {
-        let args = serde_json::to_value(cmd).map_err(|source| QmpError::Decode {
-            socket: self.shared.label.clone(),
-            command: C::NAME.into(),
-            source,
-        })?;
-        let args = match args {
-            Value::Object(m) if m.is_empty() => None,
-            Value::Null => None,
-            v => Some(v),
-        };
+        let args = self.arguments(cmd)?;
         let v = self.execute_raw(C::NAME, args, timeout).await?;
         decode(&self.shared.label, C::NAME, v)
     }
@@ -318,18 +309,23 @@ impl Qmp {
         if !(self.shared.oob && C::ALLOW_OOB) {
             return self.execute_timeout(cmd, timeout).await;
         }
+        let args = self.arguments(cmd)?;
+        let v = self.exchange("exec-oob", C::NAME, args, timeout).await?;
+        decode(&self.shared.label, C::NAME, v)
+    }
+
+    /// A typed command's arguments as QMP wants them (none for an empty object).
+    fn arguments<C: qapi::Command>(&self, cmd: &C) -> Result<Option<Value>, QmpError> {
         let args = serde_json::to_value(cmd).map_err(|source| QmpError::Decode {
             socket: self.shared.label.clone(),
             command: C::NAME.into(),
             source,
         })?;
-        let args = match args {
+        Ok(match args {
             Value::Object(m) if m.is_empty() => None,
             Value::Null => None,
             v => Some(v),
-        };
-        let v = self.exchange("exec-oob", C::NAME, args, timeout).await?;
-        decode(&self.shared.label, C::NAME, v)
+        })
     }
 
     /// True when out-of-band execution was enabled at the handshake.
