@@ -423,8 +423,10 @@ fn check_workload(w: &str) -> anyhow::Result<()> {
 async fn demo_inner(a: &cli::DemoArgs) -> anyhow::Result<Exit> {
     use qmigrate::testbed::{Guest, GuestSpec};
     // A private directory of our own (mode 0700, a fresh name), never a guessable path another user could plant.
+    use std::os::unix::fs::PermissionsExt;
     let run_dir = tempfile::Builder::new()
         .prefix("qmigrate-demo-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir()
         .context("cannot create the demo's directory")?;
     let mut spec = GuestSpec::new("demo-vm", &a.workload, &a.guest_dir, run_dir.path());

@@ -1333,8 +1333,10 @@ fn private_stream(dst: &Qmp) -> Result<(String, tempfile::TempDir), MigrateError
         .map(PathBuf::from)
         .filter(|d| d.is_dir())
         .unwrap_or_else(std::env::temp_dir);
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::Builder::new()
         .prefix("qmigrate-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(&base)
         .map_err(|e| MigrateError::Uri {
             uri: format!("unix:{}/…", base.display()),
