@@ -246,10 +246,8 @@ fn migrate_request(a: &cli::MigrateArgs) -> anyhow::Result<MigrationRequest> {
         _ => anyhow::bail!("give exactly one of --to and --launch-dst"),
     };
     let mut req = MigrationRequest::new(&a.from, destination);
+    // The URI is checked by migrate::migrate before anything is touched.
     req.uri = a.uri.clone();
-    if let Some(uri) = &req.uri {
-        migrate::check_uri(uri)?;
-    }
     if a.adopt {
         req.takeover = Takeover::Adopt;
     }
@@ -265,10 +263,7 @@ fn takeover_request(
     takeover: Takeover,
 ) -> anyhow::Result<MigrationRequest> {
     let mut req = MigrationRequest::new(from, Destination::Qmp(to.into()));
-    if let Some(uri) = uri {
-        migrate::check_uri(uri)?;
-        req.uri = Some(uri.into());
-    }
+    req.uri = uri.map(String::from);
     req.takeover = takeover;
     Ok(req)
 }

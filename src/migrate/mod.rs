@@ -357,15 +357,8 @@ pub async fn migrate(
 
     // Set-up: what it changes on the source is undone if QEMU refuses any of it.
     let caps_before = src.execute(&QueryMigrateCapabilities {}).await.ok();
-    let (uri, stream_dir) = match &req.uri {
-        Some(u) => (u.clone(), None),
-        None => {
-            let (u, d) = private_stream(&dst)?;
-            (u, Some(d))
-        }
-    };
-    let mut run = Run::new(req, src, dst, dst_process, uri, false);
-    run.stream_dir = stream_dir;
+    let stream = stream(req, &dst)?;
+    let mut run = Run::new(req, src, dst, dst_process, stream, false);
     run.report.ram_bytes = ram_bytes;
     run.report.dirty_rate_before = dirty_rate_before;
     run.report.predicted = predicted;
@@ -432,16 +425,9 @@ async fn adopt(
         }
     }
     .map_err(MigrateError::Destination)?;
-    let (uri, stream_dir) = match &req.uri {
-        Some(u) => (u.clone(), None),
-        None => {
-            let (u, d) = private_stream(&dst)?;
-            (u, Some(d))
-        }
-    };
+    let stream = stream(req, &dst)?;
     info!(vm = %src_label, destination = %dst.label(), %status, "taking over the migration under way");
-    let mut run = Run::new(req, src, dst, None, uri, true);
-    run.stream_dir = stream_dir;
+    let mut run = Run::new(req, src, dst, None, stream, true);
     run.last = mig;
     run.report.ram_bytes = run.last.ram.as_ref().map_or(0, |r| r.total);
     let (machine, decision) = Machine::adopting(run.machine.rules.clone(), &status, Duration::ZERO);
@@ -491,7 +477,7 @@ impl<'a> Run<'a> {
         src: Qmp,
         dst: Qmp,
         dst_process: Option<QemuProcess>,
-        uri: String,
+        (uri, stream_dir): (String, Option<tempfile::TempDir>),
         adopted: bool,
     ) -> Run<'a> {
         let rules = Rules {
@@ -556,7 +542,7 @@ impl<'a> Run<'a> {
             dst_gone_seen: false,
             paused_at: None,
             max_throttle: 0,
-            stream_dir: None,
+            stream_dir,
             report,
         }
     }
@@ -576,7 +562,7 @@ impl<'a> Run<'a> {
     }
 
     fn trail(&mut self, why: Option<String>) {
-        let name = phase_name(&self.machine.phase);
+        let name = self.machine.phase.name();
         let changed = self.report.phases.last().is_none_or(|p| p.phase != name);
         if changed || why.is_some() {
             if let Some(w) = &why {
@@ -813,9 +799,9 @@ impl<'a> Run<'a> {
             if !matches!(obs, Observation::Tick | Observation::Status(_)) {
                 debug!(vm = %self.vm(), ?obs, "observation");
             }
-            let before = phase_name(&self.machine.phase);
+            let before = self.machine.phase.name();
             let d = self.machine.decide(&obs, self.now());
-            if d.why.is_some() || phase_name(&self.machine.phase) != before {
+            if d.why.is_some() || self.machine.phase.name() != before {
                 self.trail(d.why.clone());
             }
             if let Some(o) = self.carry_out(d).await {
@@ -849,12 +835,7 @@ impl<'a> Run<'a> {
                 })
             }
             Command::Apply(action) => {
-                let why = self
-                    .report
-                    .phases
-                    .last()
-                    .and_then(|p| p.why.clone())
-                    .unwrap_or_default();
+                let why = self.last_why();
                 self.escalate(action, why, pass).await;
                 None
             }
@@ -1300,10 +1281,6 @@ fn guest_event(ev: &QmpEvent) -> Option<GuestEvent> {
     }
 }
 
-fn phase_name(p: &Phase) -> &'static str {
-    p.name()
-}
-
 /// The URI a recovery listens on: the same TCP address (QEMU closed its listener once the first connection came),
 /// a fresh UNIX path per attempt (the old one may still exist).
 pub fn recovery_uri(uri: &str, attempt: u32) -> String {
@@ -1323,6 +1300,17 @@ fn is_in_flight(status: &str) -> bool {
 fn version_string(q: &Qmp) -> String {
     let (a, b, c) = q.greeting().version;
     format!("{a}.{b}.{c}")
+}
+
+/// The migration stream: the `--uri` given, or a private one (with the directory that holds it).
+fn stream(
+    req: &MigrationRequest,
+    dst: &Qmp,
+) -> Result<(String, Option<tempfile::TempDir>), MigrateError> {
+    match &req.uri {
+        Some(u) => Ok((u.clone(), None)),
+        None => private_stream(dst).map(|(u, d)| (u, Some(d))),
+    }
 }
 
 /// The default migration stream: a UNIX socket in a private directory of its own (mode 0700, a fresh random

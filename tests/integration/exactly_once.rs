@@ -360,25 +360,9 @@ async fn recover_command_resumes_a_paused_postcopy_left_by_a_dead_qmigrate() {
     let _ = running.finish(Duration::from_secs(10)).await;
     assert!(cut_tcp(port) > 0, "no connection on port {port} to cut");
     wait_migration_status(&src_mon2, "postcopy-paused", Duration::from_secs(20)).await;
-    let run = qmigrate(
-        &[
-            "recover",
-            "--from",
-            s(&src),
-            "--to",
-            s(&dst),
-            "--uri",
-            &format!("tcp:127.0.0.1:{port}"),
-            "--json",
-        ],
-        Duration::from_secs(150),
-    )
-    .await;
-    if destination_blocked(&run, &bed, &src, &dst, &src_mon2).await {
+    let Some(r) = recover(&bed, &src, &dst, &src_mon2, port).await else {
         return;
-    }
-    assert_eq!(run.code, 0, "{run:?}");
-    let r = run.json();
+    };
     assert_eq!(r["outcome"], "completed");
     assert_eq!(run_state(&dst).await, "running");
     assert_eq!(migration_status(&src_mon2).await, "completed");
@@ -566,13 +550,30 @@ async fn postcopy_cut_longer_than_recover_for_is_left_paused_then_recovered() {
     }
     assert_ne!(run_state(&src_mon2).await, "running");
     cutter.await.unwrap();
+    let Some(r) = recover(&bed, &src, &dst, &src_mon2, port).await else {
+        return;
+    };
+    assert_eq!(r["outcome"], "completed");
+    assert_eq!(run_state(&dst_mon2).await, "running");
+    assert_eq!(migration_status(&src_mon2).await, "completed");
+}
+
+/// Runs `qmigrate recover` on the pair with the stream on `port`: its JSON report once it exits 0, or `None` when it
+/// could not reach a blocked destination (see [`destination_blocked`]).
+async fn recover(
+    bed: &Bed,
+    src: &Path,
+    dst: &Path,
+    src_mon2: &Path,
+    port: u16,
+) -> Option<serde_json::Value> {
     let run = qmigrate(
         &[
             "recover",
             "--from",
-            s(&src),
+            s(src),
             "--to",
-            s(&dst),
+            s(dst),
             "--uri",
             &format!("tcp:127.0.0.1:{port}"),
             "--json",
@@ -580,13 +581,11 @@ async fn postcopy_cut_longer_than_recover_for_is_left_paused_then_recovered() {
         Duration::from_secs(150),
     )
     .await;
-    if destination_blocked(&run, &bed, &src, &dst, &src_mon2).await {
-        return;
+    if destination_blocked(&run, bed, src, dst, src_mon2).await {
+        return None;
     }
     assert_eq!(run.code, 0, "{run:?}");
-    assert_eq!(run.json()["outcome"], "completed");
-    assert_eq!(run_state(&dst_mon2).await, "running");
-    assert_eq!(migration_status(&src_mon2).await, "completed");
+    Some(run.json())
 }
 
 /// `qmigrate recover` could not reach a destination whose main loop is blocked: a QEMU limit, seen here about once in
