@@ -96,6 +96,21 @@ impl Bed {
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         );
+        // SIGKILL returns before the process is gone; wait until its socket refuses, so the test sees a dead VM
+        // and not one that is still closing (a connection reset instead of a refusal).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let refused = || {
+            matches!(std::os::unix::net::UnixStream::connect(qmp),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound))
+        };
+        while !refused() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} still accepts 10 s after SIGKILL",
+                qmp.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Makes sure a process started by qmigrate (a launched destination) ends with this test.
