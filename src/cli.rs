@@ -40,6 +40,42 @@ pub enum Command {
     Serve(ServeArgs),
     /// Measure one VM's dirty page rate: once, or as a time series with --watch.
     DirtyRate(DirtyRateArgs),
+    /// Work with an inventory of hosts and VMs.
+    #[command(subcommand)]
+    Inventory(InventoryCommand),
+    /// Print a shell completion script for qmigrate.
+    Completions(CompletionsArgs),
+    /// Write qmigrate's man pages (one per subcommand) into a directory.
+    Man(ManArgs),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum InventoryCommand {
+    /// Reach every host and VM of an inventory and print what was found, and what is wrong where.
+    Check(InventoryCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InventoryCheckArgs {
+    /// The inventory file (TOML; see examples/inventory.toml).
+    pub file: PathBuf,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ManArgs {
+    /// The directory to write the pages into (e.g. /usr/local/share/man/man1).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
@@ -85,13 +121,26 @@ pub struct TuningArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct MigrateArgs {
+    /// The VM to move, by its name in --inventory (the inventory's, else QEMU's -name, else its socket's file
+    /// name).
+    #[arg(requires_all = ["inventory", "to_host"], conflicts_with_all = ["from", "to", "launch_dst", "dst_qmp"])]
+    pub vm: Option<String>,
+    /// The inventory file the VM and the hosts are in (TOML; see examples/inventory.toml).
+    #[arg(long, requires = "vm")]
+    pub inventory: Option<PathBuf>,
+    /// The inventory host to move the VM to; a destination QEMU is started there from the source's command line.
+    #[arg(long, requires = "vm")]
+    pub to_host: Option<String>,
+    /// Encrypt the stream with TLS (QEMU's tls-creds-x509, from each host's tls_dir), peers verified.
+    #[arg(long, requires = "to_host")]
+    pub tls: bool,
     /// QMP socket of the source (a path, unix:PATH or tcp:HOST:PORT).
-    #[arg(long)]
-    pub from: String,
+    #[arg(long, required_unless_present = "vm")]
+    pub from: Option<String>,
     /// QMP socket of the destination, a QEMU started with -incoming defer.
     #[arg(
         long,
-        required_unless_present = "launch_dst",
+        required_unless_present_any = ["launch_dst", "vm"],
         conflicts_with = "launch_dst"
     )]
     pub to: Option<String>,

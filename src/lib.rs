@@ -10,12 +10,16 @@
 pub mod classify;
 pub mod config;
 pub mod exit;
+pub mod hosts;
+pub mod inventory;
 pub mod launch;
 pub mod lock;
+pub mod manpages;
 pub mod migrate;
 pub mod plan;
 pub mod predict;
 pub mod qmp;
+pub mod remote;
 pub mod report;
 pub mod stats;
 pub mod testbed;

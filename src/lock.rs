@@ -51,6 +51,12 @@ impl VmLock {
         }
     }
 
+    /// Takes the lock of a VM reached through another host (`key` names the host and the socket there), kept in
+    /// this machine's runtime directory: it excludes the qmigrate runs of this machine.
+    pub fn acquire_keyed(key: &str) -> Result<VmLock, LockError> {
+        VmLock::acquire_at(key, runtime_lock_path(key))
+    }
+
     fn acquire_at(socket: &str, path: PathBuf) -> Result<VmLock, LockError> {
         let io = |source| LockError::Io {
             socket: socket.into(),

@@ -46,6 +46,13 @@ fn main() -> std::process::ExitCode {
 
 async fn run(command: cli::Command) -> Exit {
     match command {
+        cli::Command::Migrate(a) if a.vm.is_some() => {
+            let req = match inventory_request(&a).await {
+                Ok(r) => r,
+                Err((e, code)) => return fail(&e, code),
+            };
+            run_migration(&req, a.tuning.json).await
+        }
         cli::Command::Migrate(a) => {
             let req = match migrate_request(&a) {
                 Ok(r) => r,
@@ -85,6 +92,36 @@ async fn run(command: cli::Command) -> Exit {
         cli::Command::Top(a) => top(&a).await,
         cli::Command::Serve(a) => serve(&a).await,
         cli::Command::DirtyRate(a) => dirty_rate(&a).await,
+        cli::Command::Inventory(cli::InventoryCommand::Check(a)) => inventory_check(&a).await,
+        cli::Command::Completions(a) => {
+            use clap::CommandFactory;
+            match qmigrate::manpages::write_completions(
+                cli::Cli::command(),
+                a.shell,
+                &mut std::io::stdout().lock(),
+            ) {
+                Ok(()) => Exit::Completed,
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Exit::Completed,
+                Err(e) => fail(
+                    &anyhow::Error::new(e).context("cannot write the completion script"),
+                    Exit::Internal,
+                ),
+            }
+        }
+        cli::Command::Man(a) => {
+            use clap::CommandFactory;
+            match qmigrate::manpages::write_man_pages(&cli::Cli::command(), &a.out) {
+                Ok(pages) => {
+                    eprintln!("wrote {} man pages to {}", pages.len(), a.out.display());
+                    Exit::Completed
+                }
+                Err(e) => fail(
+                    &anyhow::Error::new(e)
+                        .context(format!("cannot write man pages to {}", a.out.display())),
+                    Exit::Usage,
+                ),
+            }
+        }
     }
 }
 
@@ -237,7 +274,65 @@ fn fail(e: &anyhow::Error, code: Exit) -> Exit {
     code
 }
 
+/// `qmigrate inventory check FILE`: exit 0 when every host and VM answered, 3 when something is wrong.
+async fn inventory_check(a: &cli::InventoryCheckArgs) -> Exit {
+    let inv = match qmigrate::inventory::Inventory::load(&a.file) {
+        Ok(i) => i,
+        Err(e) => return fail(&anyhow::Error::new(e), Exit::Usage),
+    };
+    let report = qmigrate::hosts::check(&inv, &qmigrate::qmp::ConnectOptions::default()).await;
+    if a.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(s) => println!("{s}"),
+            Err(e) => return fail(&anyhow::Error::new(e), Exit::Internal),
+        }
+    } else {
+        print!("{}", report.to_table());
+    }
+    if report.problems.is_empty() {
+        Exit::Completed
+    } else {
+        Exit::Endpoint
+    }
+}
+
+/// `qmigrate migrate VM --inventory FILE --to-host HOST`: the VM found by name, the destination started on HOST.
+async fn inventory_request(
+    a: &cli::MigrateArgs,
+) -> Result<MigrationRequest, (anyhow::Error, Exit)> {
+    let usage = |e: anyhow::Error| (e, Exit::Usage);
+    let (Some(vm), Some(file), Some(to_host)) = (&a.vm, &a.inventory, &a.to_host) else {
+        return Err(usage(anyhow::anyhow!(
+            "a VM name needs --inventory and --to-host"
+        )));
+    };
+    let inv = qmigrate::inventory::Inventory::load(file).map_err(|e| usage(e.into()))?;
+    let target = inv.host(to_host).map_err(|e| usage(e.into()))?.clone();
+    let found = qmigrate::hosts::find(&inv, vm, &qmigrate::qmp::ConnectOptions::default())
+        .await
+        .map_err(|e| (e.into(), Exit::Endpoint))?;
+    if found.link.host.name == target.name {
+        return Err((
+            anyhow::anyhow!("VM {vm:?} is already on host {}", target.name),
+            Exit::State,
+        ));
+    }
+    let link = std::sync::Arc::new(qmigrate::remote::HostLink::new(target, inv.ssh.clone()));
+    let mut req = MigrationRequest::new(&found.socket, Destination::Host { link, tls: a.tls });
+    req.source_host = Some(found.link.clone());
+    req.vm_name = Some(found.name.clone());
+    req.uri = a.uri.clone();
+    if a.adopt {
+        req.takeover = Takeover::Adopt;
+    }
+    apply_tuning(&mut req, &a.tuning).map_err(usage)?;
+    Ok(req)
+}
+
 fn migrate_request(a: &cli::MigrateArgs) -> anyhow::Result<MigrationRequest> {
+    let Some(from) = &a.from else {
+        anyhow::bail!("give --from, or a VM name with --inventory and --to-host");
+    };
     let destination = match (&a.to, a.launch_dst) {
         (Some(to), false) => Destination::Qmp(to.clone()),
         (None, true) => Destination::Launch {
@@ -245,7 +340,7 @@ fn migrate_request(a: &cli::MigrateArgs) -> anyhow::Result<MigrationRequest> {
         },
         _ => anyhow::bail!("give exactly one of --to and --launch-dst"),
     };
-    let mut req = MigrationRequest::new(&a.from, destination);
+    let mut req = MigrationRequest::new(from, destination);
     // The URI is checked by migrate::migrate before anything is touched.
     req.uri = a.uri.clone();
     if a.adopt {

@@ -75,6 +75,8 @@ pub struct FinalState {
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationReport {
     pub vm: String,
+    /// The source QEMU was ended after the guest moved to another host (`migrate --to-host`).
+    pub source_quit: bool,
     pub source: String,
     pub destination: String,
     pub destination_pid: Option<i32>,
@@ -188,6 +190,12 @@ impl MigrationReport {
                 self.final_state.running_copies
             ),
         ));
+        if self.source_quit {
+            rows.push((
+                "source QEMU",
+                "ended (the guest moved to another host)".to_string(),
+            ));
+        }
         let mut out = String::new();
         for (k, v) in rows {
             let _ = writeln!(out, "{k:<18} {v}");

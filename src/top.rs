@@ -17,6 +17,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Cell, Paragraph, Row, Table};
 use ratatui::Frame;
 
+use crate::stats::name::Names;
 use crate::stats::{SampleOptions, Snapshot};
 use crate::text::printable;
 
@@ -43,7 +44,8 @@ pub enum TopError {
 /// One VM as the view shows it. Figures stay numbers (for sorting) until drawn; `None` is "not measured".
 #[derive(Debug, Clone, PartialEq)]
 pub struct VmRow {
-    /// The socket's file name: what people call the VM here (the full path is in `socket`).
+    /// What the VM is called ([`crate::stats::name`]): the given name, else QEMU's `-name`, else the socket's file
+    /// name. The socket is in `socket`.
     pub name: String,
     pub socket: String,
     /// QEMU's run state, `error` when the VM could not be sampled, `…` before the first round ends.
@@ -65,11 +67,9 @@ pub struct VmRow {
 }
 
 impl VmRow {
-    fn blank(socket: &str, state: &str) -> VmRow {
+    fn blank(name: &str, socket: &str, state: &str) -> VmRow {
         VmRow {
-            name: std::path::Path::new(socket)
-                .file_name()
-                .map_or(socket.to_string(), |n| n.to_string_lossy().into_owned()),
+            name: name.to_string(),
             socket: socket.to_string(),
             state: state.to_string(),
             cpu_pct: None,
@@ -112,16 +112,19 @@ pub struct Model {
 }
 
 impl Model {
-    /// Before the first round ends (a round lasts one interval): every VM listed, nothing measured yet.
-    pub fn waiting(sockets: &[String], interval: Duration) -> Model {
+    /// Before the first round ends (a round lasts one interval): every VM listed under the name it has before QEMU
+    /// is asked, nothing measured yet.
+    pub fn waiting(names: &Names, interval: Duration) -> Model {
         Model {
             host: "host: sampling…".into(),
             round: format!(
                 "first round under way ({} VMs over {})",
-                sockets.len(),
+                names.len(),
                 humantime::format_duration(interval)
             ),
-            rows: sockets.iter().map(|s| VmRow::blank(s, "…")).collect(),
+            rows: (0..names.len())
+                .map(|i| VmRow::blank(&names.name(i).name, &names.target(i).socket, "…"))
+                .collect(),
         }
     }
 
@@ -149,7 +152,7 @@ impl Model {
             .iter()
             .map(|vm| {
                 let Some(s) = &vm.sample else {
-                    let mut row = VmRow::blank(&vm.socket, "error");
+                    let mut row = VmRow::blank(&vm.name, &vm.socket, "error");
                     row.error = Some(vm.error.clone().unwrap_or_else(|| "no sample".into()));
                     return row;
                 };
@@ -175,7 +178,7 @@ impl Model {
                         .iter()
                         .map(|l| l.class.name().to_string())
                         .collect(),
-                    ..VmRow::blank(&vm.socket, "")
+                    ..VmRow::blank(&vm.name, &vm.socket, "")
                 }
             })
             .collect();
@@ -236,7 +239,7 @@ pub enum SortKey {
     Network,
     /// Read plus written.
     Disk,
-    /// The socket's file name.
+    /// The VM's name.
     Name,
 }
 
@@ -579,10 +582,11 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Shows `sockets` until q, Esc or Ctrl-C. Rounds of [`crate::stats::sample_round`] run back to back in a
-/// background task, each measuring over `opts.interval`, so the view refreshes once per interval while keys are
-/// answered at once; a VM that cannot be sampled is a row with its error and costs the round at most
-/// `opts.vm_timeout`. The terminal is restored on every way out, panics included.
+/// Shows `sockets` (each a QMP socket or `NAME=SOCKET`) until q, Esc or Ctrl-C. Rounds of
+/// [`crate::stats::sample_named`] run back to back in a background task, each measuring over `opts.interval`, so the
+/// view refreshes once per interval while keys are answered at once; a VM is named once, at its first answer; a VM
+/// that cannot be sampled is a row with its error and costs the round at most `opts.vm_timeout`. The terminal is
+/// restored on every way out, panics included.
 ///
 /// Anything written to stdout or stderr meanwhile (a tracing subscriber, say) lands on the screen: callers should
 /// keep logs off the terminal while this runs.
@@ -595,12 +599,14 @@ pub async fn run(sockets: Vec<String>, opts: SampleOptions) -> Result<(), TopErr
     }
     // A watch channel keeps only the newest snapshot: if drawing ever falls behind, old rounds are worth nothing.
     let (snap_tx, mut snap_rx) = tokio::sync::watch::channel::<Option<Snapshot>>(None);
+    let names = Names::parse(&sockets);
+    let waiting = Model::waiting(&names, opts.interval);
     let _sampler = AbortOnDrop(tokio::spawn({
-        let sockets = sockets.clone();
+        let mut names = names;
         let opts = opts.clone();
         async move {
             loop {
-                let snap = crate::stats::sample_round(&sockets, &opts).await;
+                let snap = crate::stats::sample_named(&mut names, &opts).await;
                 if snap_tx.send(Some(snap)).is_err() {
                     break;
                 }
@@ -617,7 +623,7 @@ pub async fn run(sockets: Vec<String>, opts: SampleOptions) -> Result<(), TopErr
     let _input = InputThread::spawn(key_tx).map_err(TopError::Input)?;
 
     let mut state = ViewState::default();
-    let mut model = Model::waiting(&sockets, opts.interval);
+    let mut model = waiting;
     let mut round = 0u64;
     loop {
         terminal
@@ -655,6 +661,7 @@ pub async fn run(sockets: Vec<String>, opts: SampleOptions) -> Result<(), TopErr
 mod tests {
     use super::*;
     use crate::classify::{Class, Label};
+    use crate::stats::name::NameSource;
     use crate::stats::{
         DirtyRateSample, DiskSample, GuestMemory, HostSample, MemorySample, NicSample, VcpuSample,
         VmEntry, VmSample,
@@ -669,7 +676,7 @@ mod tests {
             cpu_pct: cpu,
             ram_bytes: ram_mib.map(|m| m << 20),
             dirty_bytes_per_s: dirty,
-            ..VmRow::blank(&format!("/tmp/{name}"), "running")
+            ..VmRow::blank(name, &format!("/tmp/{name}.qmp"), "running")
         }
     }
 
@@ -892,6 +899,7 @@ mod tests {
     fn sample(socket: &str, cpu: f64, dirty_mib: f64) -> VmSample {
         VmSample {
             socket: socket.into(),
+            qemu_name: None,
             pid: Some(42),
             run_state: "running".into(),
             interval_ms: 1000,
@@ -965,18 +973,25 @@ mod tests {
             host_error: None,
             vms: vec![
                 VmEntry {
+                    name: "busy-vm".into(),
+                    name_from: NameSource::Qemu,
                     socket: "/tmp/busy.qmp".into(),
                     sample: Some(sample("/tmp/busy.qmp", 90.0, 1.0)),
                     classes: vec![label(Class::Cpu), label(Class::DiskIo)],
                     error: None,
                 },
                 VmEntry {
+                    // A name from a peer, with an escape sequence that would clear the screen.
+                    name: "dirty-vm\u{1b}[2J".into(),
+                    name_from: NameSource::Qemu,
                     socket: "/tmp/dirty.qmp".into(),
                     sample: Some(sample("/tmp/dirty.qmp", 40.0, 35.0)),
                     classes: vec![label(Class::DirtyMemory)],
                     error: None,
                 },
                 VmEntry {
+                    name: "gone".into(),
+                    name_from: NameSource::SocketFile,
                     socket: "/tmp/gone.qmp".into(),
                     sample: None,
                     classes: vec![],
@@ -1001,7 +1016,10 @@ mod tests {
             m.round
         );
         let busy = &m.rows[0];
-        assert_eq!(busy.name, "busy.qmp");
+        assert_eq!(
+            (busy.name.as_str(), busy.socket.as_str()),
+            ("busy-vm", "/tmp/busy.qmp")
+        );
         // by vCPU index, not in QEMU's order
         assert_eq!(busy.vcpu_pcts, vec![Some(135.0), Some(45.0)]);
         assert_eq!(busy.guest_available_bytes, Some(200 << 20));
@@ -1013,9 +1031,14 @@ mod tests {
         assert!(gone.error.as_deref().unwrap().contains("cannot connect"));
         assert_eq!(gone.cpu_pct, None);
 
-        let waiting = Model::waiting(&["/tmp/a.qmp".into()], Duration::from_secs(2));
+        let waiting = Model::waiting(
+            &Names::parse(&["/tmp/a.qmp", "db=/tmp/b.qmp"]),
+            Duration::from_secs(2),
+        );
         assert_eq!(waiting.rows[0].state, "…");
-        assert!(waiting.round.contains("1 VMs over 2s"), "{}", waiting.round);
+        let names: Vec<&str> = waiting.rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["a", "db"]);
+        assert!(waiting.round.contains("2 VMs over 2s"), "{}", waiting.round);
     }
 
     fn screen(state: ViewState, model: &Model) -> Vec<String> {
@@ -1044,13 +1067,18 @@ mod tests {
             lines[0].contains("qmigrate top") && lines[0].contains("CPU 37.5% of 2 CPUs"),
             "{all}"
         );
+        // A name from a peer is shown with its escape spelt out, never obeyed.
+        assert!(
+            all.contains(r"dirty-vm\x1b[2J") && !all.contains('\u{1b}'),
+            "{all}"
+        );
         let header = line_of(&lines, "STATE");
         for title in [
             "VM", "CPU%▼", "vCPU%", "MEM", "AVAIL", "DIRTY", "RX", "TX", "READ", "WRITE", "CLASSES",
         ] {
             assert!(lines[header].contains(title), "{title}: {all}");
         }
-        let busy = &lines[line_of(&lines, "busy.qmp")];
+        let busy = &lines[line_of(&lines, "busy-vm")];
         for cell in [
             "running",
             "90.0",
@@ -1064,17 +1092,15 @@ mod tests {
         ] {
             assert!(busy.contains(cell), "{cell}: {busy}");
         }
-        let gone = &lines[line_of(&lines, "gone.qmp")];
+        let gone = &lines[line_of(&lines, "gone ")];
         assert!(
             gone.contains("error") && gone.contains("cannot connect") && !gone.contains("/tmp/"),
             "{gone}"
         );
         // the whole error, under the table
         assert!(
-            line_of(
-                &lines,
-                "gone.qmp: /tmp/gone.qmp: cannot connect: No such file"
-            ) > line_of(&lines, "gone.qmp"),
+            line_of(&lines, "gone: /tmp/gone.qmp: cannot connect: No such file")
+                > line_of(&lines, "gone "),
             "{all}"
         );
 
@@ -1082,9 +1108,9 @@ mod tests {
         let order = |state| {
             let lines = screen(state, &model);
             (
-                line_of(&lines, "busy.qmp") < line_of(&lines, "dirty.qmp"),
-                line_of(&lines, "gone.qmp")
-                    > line_of(&lines, "busy.qmp").max(line_of(&lines, "dirty.qmp")),
+                line_of(&lines, "busy-vm") < line_of(&lines, "dirty-vm"),
+                line_of(&lines, "gone ")
+                    > line_of(&lines, "busy-vm").max(line_of(&lines, "dirty-vm")),
             )
         };
         assert_eq!(order(ViewState::default()), (true, true));

@@ -9,9 +9,11 @@ pub mod ladder;
 pub mod machine;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qapi::qmp;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -24,6 +26,7 @@ use crate::qmp::types::{
     QueryMigrate, QueryMigrateCapabilities, QueryStatus,
 };
 use crate::qmp::{ConnectOptions, PeerFeatures, Qmp, QmpError, QmpEvent};
+use crate::remote::{HostError, HostLink};
 use crate::report::{
     DirtyRateBefore, Escalation, FinalState, MigrationReport, Outcome, PhaseChange,
     RecoveryAttempt, ReportSettings,
@@ -39,6 +42,10 @@ pub enum Destination {
     /// Start one by mirroring the source's command line; its QMP socket goes to `qmp_path` (default: beside
     /// the source's, suffixed `.incoming`).
     Launch { qmp_path: Option<PathBuf> },
+    /// Start one on a host of the inventory by mirroring the source's command line (its QMP socket in the host's
+    /// runtime directory, named after the VM); the stream goes over TCP, or TLS with `tls`, to the host's
+    /// migration address. The source's QEMU is ended once the guest runs there.
+    Host { link: Arc<HostLink>, tls: bool },
 }
 
 /// What to do with a migration that is already under way on the source.
@@ -75,6 +82,10 @@ pub struct MigrationRequest {
     pub recover_for: Duration,
     pub takeover: Takeover,
     pub connect: ConnectOptions,
+    /// The host the source is on, when it is reached through an inventory (`source` is then a socket path there).
+    pub source_host: Option<Arc<HostLink>>,
+    /// The VM's name for reports and logs (default: the source's QMP address).
+    pub vm_name: Option<String>,
 }
 
 impl MigrationRequest {
@@ -99,6 +110,8 @@ impl MigrationRequest {
             recover_for: Duration::from_secs(300),
             takeover: Takeover::No,
             connect: ConnectOptions::default(),
+            source_host: None,
+            vm_name: None,
         }
     }
 }
@@ -141,6 +154,14 @@ pub enum MigrateError {
     Uri { uri: String, reason: String },
     #[error("interrupted before the migration started; nothing was changed")]
     Interrupted,
+    #[error(transparent)]
+    Host(Box<HostError>),
+}
+
+impl From<HostError> for MigrateError {
+    fn from(e: HostError) -> MigrateError {
+        MigrateError::Host(Box::new(e))
+    }
 }
 
 impl MigrateError {
@@ -150,7 +171,9 @@ impl MigrateError {
                 QmpError::Command { .. } => Exit::State,
                 _ => Exit::Endpoint,
             },
-            MigrateError::Launch(_) | MigrateError::NoSourcePid { .. } => Exit::Endpoint,
+            MigrateError::Launch(_) | MigrateError::NoSourcePid { .. } | MigrateError::Host(_) => {
+                Exit::Endpoint
+            }
             MigrateError::SourceNotRunning { .. }
             | MigrateError::SourceBusy { .. }
             | MigrateError::NothingToAdopt { .. }
@@ -243,10 +266,16 @@ pub async fn migrate(
         check_uri(uri)?;
     }
     // One qmigrate per VM, for the whole run.
-    let _lock = VmLock::acquire(&req.source)?;
-    let src = Qmp::connect(&req.source, &req.connect)
-        .await
-        .map_err(MigrateError::Source)?;
+    let _lock = match &req.source_host {
+        Some(link) if !link.is_local() => VmLock::acquire_keyed(&link.label(&req.source))?,
+        _ => VmLock::acquire(&req.source)?,
+    };
+    let src = match &req.source_host {
+        Some(link) => link.connect_qmp(&req.source, &req.connect).await?,
+        None => Qmp::connect(&req.source, &req.connect)
+            .await
+            .map_err(MigrateError::Source)?,
+    };
     let src_label = src.label().to_string();
     let status = src
         .execute(&QueryStatus {})
@@ -286,7 +315,17 @@ pub async fn migrate(
         ),
         Destination::Launch { qmp_path } => {
             let (qmp, process) = launch_destination(&src, qmp_path.clone(), &dst_connect).await?;
-            (qmp, Some(process))
+            (qmp, Some(Launched::Local(process)))
+        }
+        Destination::Host { link, .. } => {
+            let (qmp, pid) = launch_on_host(req, &src, link, &dst_connect).await?;
+            (
+                qmp,
+                Some(Launched::Remote {
+                    link: link.clone(),
+                    pid,
+                }),
+            )
         }
     };
     let dst_label = dst.label().to_string();
@@ -344,7 +383,8 @@ pub async fn migrate(
         predict::precopy(&PrecopyInput {
             volume_bytes: ram_bytes,
             dirty_rate_bytes_per_s: d.bytes_per_s as f64,
-            bandwidth_bytes_per_s: req.bandwidth_bytes_per_s as f64,
+            // Between inventory hosts the slower NIC bounds the stream too.
+            bandwidth_bytes_per_s: link_bound(req).min(req.bandwidth_bytes_per_s) as f64,
             downtime_limit: settings.downtime,
         })
     });
@@ -363,20 +403,42 @@ pub async fn migrate(
     run.report.dirty_rate_before = dirty_rate_before;
     run.report.predicted = predicted;
     run.enter(Phase::SetUp, None);
-    if let Err(e) = run.set_up(&src_features).await {
+    let tls = matches!(req.destination, Destination::Host { tls: true, .. });
+    let set_up = async {
+        run.set_up(&src_features).await?;
+        if tls {
+            run.set_up_tls().await?;
+        }
+        run.start().await
+    };
+    if let Err(e) = set_up.await {
         run.restore_capabilities(caps_before.as_deref()).await;
-        run.end_launched_destination();
+        if tls {
+            run.clear_tls().await;
+        }
+        run.end_launched_destination().await;
         return Err(e);
     }
-    match run.start().await {
-        Ok(()) => {}
-        Err(e) => {
-            run.restore_capabilities(caps_before.as_deref()).await;
-            run.end_launched_destination();
-            return Err(e);
-        }
+    let src = run.src.clone();
+    let moved_to_host = matches!(req.destination, Destination::Host { .. });
+    let mut report = run.drive(cancel, progress).await;
+    if tls && report.final_state.source != "gone" {
+        clear_tls(&src).await;
     }
-    Ok(run.drive(cancel, progress).await)
+    if moved_to_host
+        && report.outcome == Outcome::Completed
+        && report.final_state.running_copies == 1
+    {
+        // The guest runs on the other host: its old QEMU holds only a stale image, and would be listed as a
+        // second copy of the VM on the source host. It goes, as libvirt ends a migrated domain's source.
+        match src.execute(&qmp::quit {}).await {
+            Ok(_) => report.source_quit = true,
+            Err(e) if e.is_closed() => report.source_quit = true,
+            Err(e) => warn!(vm = %report.vm, "cannot quit the source QEMU after the move: {e}"),
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), src.closed()).await;
+    }
+    Ok(report)
 }
 
 /// Takes over a migration under way on the source (`--adopt`, `recover`, `cancel`).
@@ -415,16 +477,23 @@ async fn adopt(
     }
     let dst_connect = destination_connect(req);
     let dst = match &req.destination {
-        Destination::Qmp(spec) => Qmp::connect(spec, &dst_connect).await,
+        Destination::Qmp(spec) => Qmp::connect(spec, &dst_connect)
+            .await
+            .map_err(MigrateError::Destination)?,
         Destination::Launch { qmp_path } => {
             let base = src_label.strip_prefix("unix:").unwrap_or(&src_label);
             let path = qmp_path
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("{base}.incoming")));
-            Qmp::connect_unix(&path, &dst_connect).await
+            Qmp::connect_unix(&path, &dst_connect)
+                .await
+                .map_err(MigrateError::Destination)?
         }
-    }
-    .map_err(MigrateError::Destination)?;
+        Destination::Host { link, .. } => {
+            link.connect_qmp(&host_qmp_path(req, link), &dst_connect)
+                .await?
+        }
+    };
     let stream = stream(req, &dst)?;
     info!(vm = %src_label, destination = %dst.label(), %status, "taking over the migration under way");
     let mut run = Run::new(req, src, dst, None, stream, true);
@@ -454,7 +523,7 @@ struct Run<'a> {
     req: &'a MigrationRequest,
     src: Qmp,
     dst: Qmp,
-    dst_process: Option<QemuProcess>,
+    dst_process: Option<Launched>,
     src_events: tokio::sync::broadcast::Receiver<QmpEvent>,
     dst_events: tokio::sync::broadcast::Receiver<QmpEvent>,
     machine: Machine,
@@ -476,7 +545,7 @@ impl<'a> Run<'a> {
         req: &'a MigrationRequest,
         src: Qmp,
         dst: Qmp,
-        dst_process: Option<QemuProcess>,
+        dst_process: Option<Launched>,
         (uri, stream_dir): (String, Option<tempfile::TempDir>),
         adopted: bool,
     ) -> Run<'a> {
@@ -487,7 +556,11 @@ impl<'a> Run<'a> {
             ..Rules::default()
         };
         let report = MigrationReport {
-            vm: src.label().to_string(),
+            vm: req
+                .vm_name
+                .clone()
+                .unwrap_or_else(|| src.label().to_string()),
+            source_quit: false,
             source: src.label().to_string(),
             destination: dst.label().to_string(),
             destination_pid: dst.peer_pid(),
@@ -552,7 +625,7 @@ impl<'a> Run<'a> {
     }
 
     fn vm(&self) -> &str {
-        self.src.label()
+        &self.report.vm
     }
 
     /// Records a phase change in the report's trail.
@@ -645,10 +718,88 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn end_launched_destination(&mut self) {
+    async fn end_launched_destination(&mut self) {
         if let Some(p) = self.dst_process.as_mut() {
-            p.kill();
+            p.kill().await;
         }
+    }
+
+    /// `--tls`: x509 credentials on both ends (the destination a server, the source a client checking the
+    /// destination's certificate against its migration address), from each host's `tls_dir`.
+    async fn set_up_tls(&mut self) -> Result<(), MigrateError> {
+        let (Some(src_link), Destination::Host { link: dst_link, .. }) =
+            (&self.req.source_host, &self.req.destination)
+        else {
+            return Ok(());
+        };
+        for (link, files) in [
+            (
+                src_link,
+                ["ca-cert.pem", "client-cert.pem", "client-key.pem"],
+            ),
+            (
+                dst_link,
+                ["ca-cert.pem", "server-cert.pem", "server-key.pem"],
+            ),
+        ] {
+            let Some(dir) = &link.host.tls_dir else {
+                return Err(MigrateError::from(HostError::Invalid {
+                    host: link.name().into(),
+                    what: "--tls needs tls_dir for this host in the inventory".into(),
+                }));
+            };
+            let dir = dir.display().to_string();
+            let missing = link.missing_files(&dir, &files).await?;
+            if !missing.is_empty() {
+                return Err(MigrateError::from(HostError::Invalid {
+                    host: link.name().into(),
+                    what: format!("--tls: tls_dir {dir} lacks {}", missing.join(", ")),
+                }));
+            }
+        }
+        let address = dst_link.host.migration_address.clone();
+        for (q, link, endpoint) in [
+            (self.dst.clone(), dst_link, "server"),
+            (self.src.clone(), src_link, "client"),
+        ] {
+            let setup = |source| MigrateError::Setup {
+                socket: q.label().to_string(),
+                source,
+            };
+            let dir = link
+                .host
+                .tls_dir
+                .as_ref()
+                .expect("checked")
+                .display()
+                .to_string();
+            let _ = q
+                .execute_raw("object-del", Some(json!({"id": TLS_ID})), QUERY_TIMEOUT)
+                .await;
+            q.execute_raw(
+                "object-add",
+                Some(
+                    json!({"qom-type": "tls-creds-x509", "id": TLS_ID, "dir": dir,
+                    "endpoint": endpoint, "verify-peer": true}),
+                ),
+                QUERY_TIMEOUT,
+            )
+            .await
+            .map_err(setup)?;
+            let mut params = json!({"tls-creds": TLS_ID});
+            if endpoint == "client" {
+                params["tls-hostname"] = json!(address);
+            }
+            q.execute_raw("migrate-set-parameters", Some(params), QUERY_TIMEOUT)
+                .await
+                .map_err(setup)?;
+        }
+        info!(vm = %self.vm(), "the stream is TLS (x509, peers verified)");
+        Ok(())
+    }
+
+    async fn clear_tls(&self) {
+        clear_tls(&self.src).await;
     }
 
     /// `migrate-incoming` on the destination, `migrate` on the source. A `migrate` that timed out is resolved by
@@ -676,6 +827,25 @@ impl<'a> Run<'a> {
                 })
             }
         }
+        let uri = match uri.strip_suffix(":0").filter(|_| uri.starts_with("tcp:")) {
+            Some(_) => {
+                let port = listening_port(&self.dst)
+                    .await
+                    .ok_or_else(|| MigrateError::Setup {
+                        socket: self.dst.label().to_string(),
+                        source: QmpError::Timeout {
+                            socket: self.dst.label().to_string(),
+                            command: "query-migrate (the port it listens on)".into(),
+                            after: QUERY_TIMEOUT,
+                        },
+                    })?;
+                let host = uri["tcp:".len()..uri.len() - 2].trim_matches(['[', ']']);
+                let uri = tcp_uri(host, port);
+                self.report.uri = uri.clone();
+                uri
+            }
+            None => uri,
+        };
         self.src_events = self.src.events();
         self.dst_events = self.dst.events();
         let r = self
@@ -860,7 +1030,7 @@ impl<'a> Run<'a> {
                 }
                 if let Some(p) = self.dst_process.as_mut() {
                     // We launched it: it goes entirely.
-                    p.kill();
+                    p.kill().await;
                     let _ = tokio::time::timeout(Duration::from_secs(2), self.dst.closed()).await;
                     self.dst_gone_seen = true;
                     return Some(Observation::Destination(EndState::Gone));
@@ -1175,12 +1345,12 @@ impl<'a> Run<'a> {
         let wall_ms = self.now().as_millis() as u64;
         let completed = outcome == Outcome::Completed;
         let final_state = final_state(&self.src, &self.dst, completed, guest_shutdown).await;
-        if let Some(p) = self.dst_process.take() {
+        if let Some(mut p) = self.dst_process.take() {
             if final_state.destination == "running" || outcome == Outcome::Paused || completed {
                 // It carries the guest (or half of it, paused): it must outlive us.
                 p.detach();
             } else {
-                drop(p);
+                p.kill().await;
             }
         }
         // Our default stream goes with its directory; a socket QEMU made for a --uri unix:PATH is removed only if
@@ -1293,6 +1463,73 @@ pub fn recovery_uri(uri: &str, attempt: u32) -> String {
     }
 }
 
+/// The id of the x509 credentials object `--tls` adds on both ends.
+const TLS_ID: &str = "qmigrate-tls";
+
+/// Takes `--tls`'s credentials off a QEMU (the source after the run: it may migrate again without them).
+async fn clear_tls(q: &Qmp) {
+    let _ = q
+        .execute_raw(
+            "migrate-set-parameters",
+            Some(json!({"tls-creds": "", "tls-hostname": ""})),
+            QUERY_TIMEOUT,
+        )
+        .await;
+    let _ = q
+        .execute_raw("object-del", Some(json!({"id": TLS_ID})), QUERY_TIMEOUT)
+        .await;
+}
+
+/// `tcp:HOST:PORT`, an IPv6 address in brackets.
+fn tcp_uri(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("tcp:[{host}]:{port}")
+    } else {
+        format!("tcp:{host}:{port}")
+    }
+}
+
+/// The port an incoming QEMU listens on, from its `query-migrate` (`socket-address`).
+async fn listening_port(dst: &Qmp) -> Option<u16> {
+    let info = dst
+        .execute_raw("query-migrate", None, QUERY_TIMEOUT)
+        .await
+        .ok()?;
+    info.get("socket-address")?
+        .as_array()?
+        .iter()
+        .find_map(|a| a.get("port")?.as_str()?.parse().ok())
+}
+
+/// A destination QEMU qmigrate started: killed when the migration ends without it carrying the guest.
+enum Launched {
+    Local(QemuProcess),
+    Remote { link: Arc<HostLink>, pid: i32 },
+}
+
+impl Launched {
+    async fn kill(&mut self) {
+        match self {
+            Launched::Local(p) => p.kill(),
+            Launched::Remote { link, pid } => {
+                if let Err(e) = link.kill(*pid).await {
+                    warn!(host = %link.name(), pid = *pid, "cannot end the destination QEMU: {e}");
+                }
+            }
+        }
+    }
+
+    /// Leaves it running past qmigrate.
+    fn detach(self) {
+        match self {
+            Launched::Local(p) => {
+                p.detach();
+            }
+            Launched::Remote { .. } => {}
+        }
+    }
+}
+
 fn is_in_flight(status: &str) -> bool {
     !matches!(status, "none" | "completed" | "failed" | "cancelled" | "")
 }
@@ -1307,9 +1544,13 @@ fn stream(
     req: &MigrationRequest,
     dst: &Qmp,
 ) -> Result<(String, Option<tempfile::TempDir>), MigrateError> {
-    match &req.uri {
-        Some(u) => Ok((u.clone(), None)),
-        None => private_stream(dst).map(|(u, d)| (u, Some(d))),
+    match (&req.uri, &req.destination) {
+        (Some(u), _) => Ok((u.clone(), None)),
+        // The destination's QEMU picks a free port; `start` reads it back.
+        (None, Destination::Host { link, .. }) => {
+            Ok((tcp_uri(&link.host.migration_address, 0), None))
+        }
+        (None, _) => private_stream(dst).map(|(u, d)| (u, Some(d))),
     }
 }
 
@@ -1400,6 +1641,98 @@ async fn launch_destination(
         .await
         .map_err(MigrateError::Destination)?;
     Ok((qmp, process))
+}
+
+/// The slower NIC of the two inventory hosts, when both are known (else no bound).
+fn link_bound(req: &MigrationRequest) -> u64 {
+    let nic = |l: &HostLink| Some(l.host.capacity.nic_bytes_per_s).filter(|b| *b > 0);
+    match (&req.source_host, &req.destination) {
+        (Some(s), Destination::Host { link, .. }) => [nic(s), nic(link)]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(u64::MAX),
+        _ => u64::MAX,
+    }
+}
+
+/// Where a destination's QMP socket goes on a host: its runtime directory, named after the VM.
+fn host_qmp_path(req: &MigrationRequest, link: &HostLink) -> String {
+    let name = req
+        .vm_name
+        .clone()
+        .unwrap_or_else(|| {
+            let file = req.source.rsplit('/').next().unwrap_or(&req.source);
+            file.strip_suffix(".qmp").unwrap_or(file).to_string()
+        })
+        .replace('/', "_");
+    format!("{}/{name}.qmp", link.host.runtime_dir.display())
+}
+
+/// Starts the destination on another host: the source's command line read from its host's `/proc` (the QEMU
+/// listening on the source socket, checked to be QEMU), mirrored with every host-local path moved, started there
+/// as its own process as the source's user. Returns its QMP connection and pid.
+async fn launch_on_host(
+    req: &MigrationRequest,
+    src: &Qmp,
+    link: &Arc<HostLink>,
+    opts: &ConnectOptions,
+) -> Result<(Qmp, i32), MigrateError> {
+    let Some(src_link) = &req.source_host else {
+        return Err(MigrateError::from(HostError::Invalid {
+            host: link.name().into(),
+            what: "a destination on a host needs the source's host too (migrate --inventory)"
+                .into(),
+        }));
+    };
+    let process = src_link.qemu_process(&req.source).await?;
+    let exe_name = process.exe.rsplit('/').next().unwrap_or("");
+    if !exe_name.starts_with("qemu") {
+        return Err(MigrateError::from(HostError::Invalid {
+            host: src_link.name().into(),
+            what: format!(
+                "{} is served by {} (pid {}), not QEMU",
+                req.source, process.exe, process.pid
+            ),
+        }));
+    }
+    src.execute(&qmp::query_version {})
+        .await
+        .map_err(MigrateError::Source)?;
+    let dst_socket = host_qmp_path(req, link);
+    let mirrored = launch::mirror_destination(&process.args, &req.source, &dst_socket, link.name())
+        .map_err(|e| MigrateError::Launch(LaunchError::Mirror(e)))?;
+    for (old, new) in &mirrored.rewritten {
+        debug!(host = %link.name(), "mirror: {old} -> {new}");
+    }
+    link.make_dir(&link.host.runtime_dir.display().to_string())
+        .await?;
+    let log = format!("{dst_socket}.log");
+    let exe = link
+        .host
+        .qemu
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or(process.exe.clone());
+    let run_as = (process.uid != process.our_uid).then_some((process.uid, process.gid));
+    info!(host = %link.name(), qmp = %dst_socket, "launching the destination QEMU");
+    let pid = link
+        .spawn_detached(&process.cwd, &log, run_as, &exe, &mirrored.args)
+        .await?;
+    if let Err(e) = link
+        .wait_for_socket(pid, &dst_socket, &log, Duration::from_secs(15))
+        .await
+    {
+        let _ = link.kill(pid).await;
+        return Err(e.into());
+    }
+    match link.connect_qmp(&dst_socket, opts).await {
+        Ok(q) => Ok((q, pid)),
+        Err(e) => {
+            let _ = link.kill(pid).await;
+            Err(e.into())
+        }
+    }
 }
 
 async fn measure_dirty_rate(src: &Qmp, sample: Duration) -> Option<DirtyRateBefore> {

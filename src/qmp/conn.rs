@@ -79,6 +79,8 @@ struct Shared {
     command_timeout: Duration,
     peer_pid: Option<i32>,
     closed: CancellationToken,
+    /// Whatever the transport needs kept alive as long as the connection (an ssh child, killed on drop).
+    _keep: std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>,
 }
 
 /// A handle on one QMP connection. Clones share the connection; it closes when the last clone is dropped.
@@ -144,6 +146,24 @@ impl Qmp {
         W: AsyncWrite + Unpin + Send + 'static,
     {
         Self::handshake(reader, writer, label.to_string(), None, opts).await
+    }
+
+    /// Like [`Qmp::connect_stream`], keeping `keep` (the process behind the stream) alive exactly as long as the
+    /// connection: dropped with the last handle.
+    pub async fn connect_stream_keeping<R, W>(
+        reader: R,
+        writer: W,
+        label: &str,
+        keep: Box<dyn std::any::Any + Send>,
+        opts: &ConnectOptions,
+    ) -> Result<Qmp, QmpError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let qmp = Self::handshake(reader, writer, label.to_string(), None, opts).await?;
+        *qmp.shared._keep.lock().unwrap_or_else(|e| e.into_inner()) = Some(keep);
+        Ok(qmp)
     }
 
     /// Connects to `unix:PATH`, `tcp:HOST:PORT`, or a bare path.
@@ -250,6 +270,7 @@ impl Qmp {
             command_timeout: opts.command_timeout,
             peer_pid,
             closed: closed.clone(),
+            _keep: std::sync::Mutex::new(None),
         });
         tokio::spawn(run_connection(label, lines, writer, req_rx, ev_tx, closed));
         Ok(Qmp { shared })

@@ -4,6 +4,7 @@
 //! Classification lives in [`crate::classify`]; this module only measures.
 
 pub mod history;
+pub mod name;
 pub mod procfs;
 pub mod sampler;
 pub mod serve;
@@ -15,6 +16,8 @@ use serde::Serialize;
 
 use crate::classify::{self, Figures, Label, Thresholds};
 use crate::qmp::QmpError;
+use crate::text::printable;
+use name::{NameSource, Names};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
@@ -45,6 +48,8 @@ pub struct SampleOptions {
     pub dirty_rate: bool,
     /// Ask a virtio-balloon for the guest's memory statistics (sets its polling interval).
     pub guest_stats: bool,
+    /// Ask QEMU for its `-name` (`query-name`). Rounds and `serve` turn it off per VM once its name is settled.
+    pub query_name: bool,
     pub thresholds: Thresholds,
 }
 
@@ -58,6 +63,7 @@ impl SampleOptions {
             vm_timeout: interval.max(Duration::from_secs(1)) + command_timeout * 2,
             dirty_rate: true,
             guest_stats: true,
+            query_name: true,
             thresholds: Thresholds::default(),
         }
     }
@@ -128,6 +134,8 @@ pub struct DirtyRateSample {
 #[derive(Debug, Clone, Serialize)]
 pub struct VmSample {
     pub socket: String,
+    /// QEMU's `-name` (`query-name`); `None` when it has none or was not asked (`SampleOptions::query_name`).
+    pub qemu_name: Option<String>,
     pub pid: Option<i32>,
     /// QEMU's run state (`running`, `paused`, `inmigrate`, …).
     pub run_state: String,
@@ -179,9 +187,12 @@ pub struct HostSample {
     pub mem_available_bytes: u64,
 }
 
-/// One VM's entry in a round: its sample and classes, or why there is none.
+/// One VM's entry in a round: its name, its sample and classes, or why there is none.
 #[derive(Debug, Clone, Serialize)]
 pub struct VmEntry {
+    /// What the VM is called ([`name`]): the given name, else QEMU's `-name`, else the socket's file name.
+    pub name: String,
+    pub name_from: NameSource,
     pub socket: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sample: Option<VmSample>,
@@ -210,15 +221,25 @@ impl Snapshot {
 }
 
 /// Samples every VM concurrently, each in its own task bounded by `opts.vm_timeout`, and the host alongside.
-/// Never fails as a whole: a VM that cannot be sampled is an entry with its error.
-pub async fn sample_round(sockets: &[String], opts: &SampleOptions) -> Snapshot {
+/// `targets` are QMP sockets, each optionally `NAME=SOCKET` ([`name::Target::parse`]). Never fails as a whole: a VM
+/// that cannot be sampled is an entry with its error.
+pub async fn sample_round(targets: &[String], opts: &SampleOptions) -> Snapshot {
+    sample_named(&mut Names::parse(targets), opts).await
+}
+
+/// [`sample_round`] over targets whose names outlive the round (`top` samples round after round): a VM's `-name` is
+/// asked at its first successful sample only, and settles its name in `names`.
+pub async fn sample_named(names: &mut Names, opts: &SampleOptions) -> Snapshot {
     let started = Instant::now();
     let host = tokio::spawn(sample_host(opts.interval));
-    let tasks: Vec<_> = sockets
-        .iter()
-        .map(|socket| {
-            let socket = socket.clone();
-            let opts = opts.clone();
+    let asked: Vec<bool> = (0..names.len())
+        .map(|i| opts.query_name && names.wants_qemu_name(i))
+        .collect();
+    let tasks: Vec<_> = (0..names.len())
+        .map(|i| {
+            let socket = names.target(i).socket.clone();
+            let mut opts = opts.clone();
+            opts.query_name = asked[i];
             tokio::spawn(async move {
                 match tokio::time::timeout(opts.vm_timeout, sampler::sample_vm(&socket, &opts))
                     .await
@@ -232,34 +253,46 @@ pub async fn sample_round(sockets: &[String], opts: &SampleOptions) -> Snapshot 
             })
         })
         .collect();
-    let mut vms = Vec::with_capacity(tasks.len());
-    for (socket, task) in sockets.iter().zip(tasks) {
+    let mut results = Vec::with_capacity(tasks.len());
+    for (i, task) in tasks.into_iter().enumerate() {
         let result = task.await.unwrap_or_else(|_| {
             Err(StatsError::Task {
-                socket: socket.clone(),
+                socket: names.target(i).socket.clone(),
             })
         });
-        vms.push(match result {
-            Ok(sample) => {
-                let classes = classify::classify(&sample.figures(), &opts.thresholds);
-                VmEntry {
-                    socket: socket.clone(),
-                    sample: Some(sample),
-                    classes,
-                    error: None,
-                }
-            }
-            Err(e) => {
-                tracing::warn!(socket = %socket, error = %error_chain(&e), "no sample");
-                VmEntry {
-                    socket: socket.clone(),
-                    sample: None,
-                    classes: Vec::new(),
-                    error: Some(error_chain(&e)),
-                }
-            }
-        });
+        // In the order given, so that two VMs with one -name are named the same way every time.
+        if let (Ok(sample), true) = (&result, asked[i]) {
+            names.resolve(i, sample.qemu_name.as_deref());
+        }
+        results.push(result);
     }
+    let vms = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, result)| {
+            let name = names.name(i);
+            let socket = names.target(i).socket.clone();
+            let (sample, classes, error) = match result {
+                Ok(sample) => {
+                    let classes = classify::classify(&sample.figures(), &opts.thresholds);
+                    (Some(sample), classes, None)
+                }
+                Err(e) => {
+                    tracing::warn!(vm = %printable(&name.name), socket = %printable(&socket),
+                        error = %error_chain(&e), "no sample");
+                    (None, Vec::new(), Some(error_chain(&e)))
+                }
+            };
+            VmEntry {
+                name: name.name.clone(),
+                name_from: name.from,
+                socket,
+                sample,
+                classes,
+                error,
+            }
+        })
+        .collect();
     let (host, host_error) = match host.await {
         Ok(Ok(h)) => (Some(h), None),
         Ok(Err(e)) => (None, Some(error_chain(&e))),
@@ -320,7 +353,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 impl Snapshot {
     /// A table for people: one row per VM, then each class with its evidence, then errors and the host.
     pub fn to_table(&self) -> String {
-        use crate::text::printable;
         use std::fmt::Write;
         let mib = |b: f64| b / (1024.0 * 1024.0);
         let kib = |b: f64| b / 1024.0;
@@ -341,18 +373,21 @@ impl Snapshot {
             "tx KiB/s",
             "disk KiB/s"
         );
-        // Socket names, run states, notes and errors come from files and peers: printed through `printable`.
+        // Names, sockets, run states, notes and errors come from files and peers: printed through `printable`.
         for vm in &self.vms {
-            let name = std::path::Path::new(&vm.socket)
-                .file_name()
-                .map_or(vm.socket.clone(), |n| n.to_string_lossy().into_owned());
-            let name = printable(&name);
+            let name = printable(&vm.name);
+            // The socket under its VM, unless the name is the socket already.
+            let socket_line =
+                || (vm.name != vm.socket).then(|| format!("    socket: {}", printable(&vm.socket)));
             let Some(s) = &vm.sample else {
                 let _ = writeln!(
                     out,
                     "{name:<24} error     {}",
                     printable(vm.error.as_deref().unwrap_or("?"))
                 );
+                if let Some(line) = socket_line() {
+                    let _ = writeln!(out, "{line}");
+                }
                 continue;
             };
             let f = s.figures();
@@ -383,6 +418,9 @@ impl Snapshot {
                     classes.join(",")
                 }
             );
+            if let Some(line) = socket_line() {
+                let _ = writeln!(out, "{line}");
+            }
             for label in &vm.classes {
                 let why: Vec<String> = label
                     .evidence
@@ -443,6 +481,20 @@ mod tests {
         let snap = sample_round(&[missing.clone(), plain.clone()], &opts).await;
         assert_eq!(snap.answered(), 0);
         assert_eq!(snap.vms.len(), 2);
+        // Nothing answered: each VM goes by its socket's file name.
+        let names: Vec<(&str, NameSource)> = snap
+            .vms
+            .iter()
+            .map(|v| (v.name.as_str(), v.name_from))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("gone", NameSource::SocketFile),
+                ("plain-file", NameSource::SocketFile)
+            ]
+        );
+        assert_eq!(snap.vms[0].socket, missing);
         let e0 = snap.vms[0].error.as_deref().unwrap();
         assert!(e0.contains(&missing) && e0.contains("no such file"), "{e0}");
         let e1 = snap.vms[1].error.as_deref().unwrap();
@@ -450,7 +502,13 @@ mod tests {
         assert!(snap.host.is_some(), "{:?}", snap.host_error);
         let table = snap.to_table();
         assert!(
-            table.contains("gone.qmp") && table.contains("error"),
+            table
+                .lines()
+                .any(|l| l.starts_with("gone ") && l.contains("error")),
+            "{table}"
+        );
+        assert!(
+            table.contains(&format!("    socket: {missing}\n")),
             "{table}"
         );
         assert!(table.contains("0 of 2 VMs answered"), "{table}");
@@ -486,9 +544,40 @@ mod tests {
     }
 
     #[test]
+    fn the_table_names_each_vm_printably_with_its_socket_below() {
+        let entry = |name: &str, from, socket: &str| VmEntry {
+            name: name.into(),
+            name_from: from,
+            socket: socket.into(),
+            sample: None,
+            classes: vec![],
+            error: Some(format!("{socket}: cannot connect")),
+        };
+        let snap = Snapshot {
+            interval_ms: 1000,
+            elapsed_ms: 1000,
+            host: None,
+            host_error: None,
+            vms: vec![
+                entry("web\u{1b}[2J", NameSource::Qemu, "/run/vm/a.qmp"),
+                entry("tcp:h:1", NameSource::SocketPath, "tcp:h:1"),
+            ],
+        };
+        let table = snap.to_table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[1].starts_with(r"web\x1b[2J  "), "{table}");
+        assert_eq!(lines[2], "    socket: /run/vm/a.qmp", "{table}");
+        // A VM named by its socket gets no second line saying so.
+        assert!(lines[3].starts_with("tcp:h:1 "), "{table}");
+        assert!(lines[4].starts_with("host:"), "{table}");
+        assert!(!table.contains('\u{1b}'), "{table}");
+    }
+
+    #[test]
     fn figures_sum_devices_and_leave_absent_ones_unknown() {
         let mut s = VmSample {
             socket: "vm.qmp".into(),
+            qemu_name: None,
             pid: None,
             run_state: "running".into(),
             interval_ms: 1000,

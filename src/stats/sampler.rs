@@ -1,6 +1,6 @@
-//! One sample of one VM over an interval, from its QMP socket and the host alone (no guest agent): run state,
-//! vCPU utilisation, memory and balloon, disk and NIC rates, and the dirty page rate. Every QMP command is bounded
-//! by the connection's command timeout; the caller bounds the whole sample.
+//! One sample of one VM over an interval, from its QMP socket and the host alone (no guest agent): QEMU's `-name`
+//! (when asked), run state, vCPU utilisation, memory and balloon, disk and NIC rates, and the dirty page rate.
+//! Every QMP command is bounded by the connection's command timeout; the caller bounds the whole sample.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -52,6 +52,16 @@ pub async fn sample_vm(socket: &str, opts: &SampleOptions) -> Result<VmSample, S
     let qmp = Qmp::connect(socket, &connect).await?;
     let mut notes = Vec::new();
     let status = qmp.execute(&QueryStatus {}).await?;
+    let qemu_name = if opts.query_name {
+        match qmp.execute(&qapi::qmp::query_name {}).await {
+            Ok(info) => info.name,
+            // A QEMU that will not say: the VM is named by its socket.
+            Err(e) if e.qmp_class().is_some() => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
     let cpus = qmp.execute(&QueryCpusFast {}).await?;
     let pid = qmp.peer_pid();
     if pid.is_none() {
@@ -175,6 +185,7 @@ pub async fn sample_vm(socket: &str, opts: &SampleOptions) -> Result<VmSample, S
 
     Ok(VmSample {
         socket: socket.to_string(),
+        qemu_name,
         pid,
         run_state: status.status,
         interval_ms: u64::try_from(opts.interval.as_millis()).unwrap_or(u64::MAX),

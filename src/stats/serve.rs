@@ -2,10 +2,12 @@
 //! over HTTP (`prometheus-client` encodes, `axum` serves). Each VM has its own sampling loop, so a slow or dead socket
 //! delays only its own figures; a semaphore bounds how many VMs are sampled at once. The QMP socket is connected
 //! per sample and released between them (QEMU serves one client per socket: a migration must be able to get in).
-//! This module owns the metric names; it must not decide anything from the figures (that is `classify`/`plan`).
+//! Each VM's series carry its name in the `vm` label (`stats::name`: given, else QEMU's `-name` from its first
+//! answer, else the socket's file name), made printable. This module owns the metric names; it must not decide
+//! anything from the figures (that is `classify`/`plan`).
 
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -18,10 +20,12 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::name::{NameSource, Names};
 use super::{error_chain, sample_host, sampler, HostSample, SampleOptions, StatsError, VmSample};
 use crate::classify::{self, Class, Label};
 use crate::qmp::types::QueryStatus;
 use crate::qmp::{ConnectOptions, Qmp};
+use crate::text::printable;
 
 /// How long the HTTP server may take to finish open requests after the stop signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -52,33 +56,7 @@ pub enum ServeError {
     },
 }
 
-/// One VM to watch: the QMP socket and the name its metrics carry in the `vm` label.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub name: String,
-    pub socket: String,
-}
-
-impl Target {
-    /// `NAME=SOCKET` names the VM; a bare socket is its own name. A `/` or `:` before the `=` means the `=` belongs to
-    /// the path or address, not a name.
-    pub fn parse(arg: &str) -> Target {
-        match arg.split_once('=') {
-            Some((name, socket))
-                if !name.is_empty() && !socket.is_empty() && !name.contains(['/', ':']) =>
-            {
-                Target {
-                    name: name.into(),
-                    socket: socket.into(),
-                }
-            }
-            _ => Target {
-                name: arg.into(),
-                socket: arg.into(),
-            },
-        }
-    }
-}
+pub use super::name::Target;
 
 /// How `serve` samples.
 #[derive(Debug, Clone)]
@@ -101,6 +79,13 @@ impl ServeOptions {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VmLabels {
     vm: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InfoLabels {
+    vm: String,
+    socket: String,
+    name_from: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -132,6 +117,7 @@ type F64Gauge = Gauge<f64, AtomicU64>;
 /// The label sets one VM set last time, so that a disk, NIC, vCPU or run state that went away stops being exported.
 #[derive(Default)]
 struct Exported {
+    info: Option<InfoLabels>,
     states: Vec<StateLabels>,
     vcpus: Vec<VcpuLabels>,
     disks: Vec<DeviceLabels>,
@@ -145,6 +131,7 @@ pub struct Metrics {
     /// of a VM's update.
     update: RwLock<()>,
     vm_up: Family<VmLabels, Gauge>,
+    vm_info: Family<InfoLabels, Gauge>,
     vm_run_state: Family<StateLabels, Gauge>,
     vm_cpu_pct: Family<VmLabels, F64Gauge>,
     vm_cpu_host_pct: Family<VmLabels, F64Gauge>,
@@ -192,6 +179,7 @@ impl Metrics {
             registry: Registry::default(),
             update: RwLock::new(()),
             vm_up: Family::default(),
+            vm_info: Family::default(),
             vm_run_state: Family::default(),
             vm_cpu_pct: Family::default(),
             vm_cpu_host_pct: Family::default(),
@@ -226,6 +214,12 @@ impl Metrics {
             "qmigrate_vm_up",
             "1 when the VM's last sample succeeded, 0 when it failed (see qmigrate_vm_sample_errors_total)",
             m.vm_up.clone(),
+        );
+        r.register(
+            "qmigrate_vm_info",
+            "1 for each VM: its socket, and where its name (the vm label) came from: given, qemu (-name), \
+             socket-file, socket-path",
+            m.vm_info.clone(),
         );
         r.register(
             "qmigrate_vm_run_state",
@@ -376,23 +370,9 @@ impl Metrics {
         self.qmp_round_trip_s.observe(took.as_secs_f64());
     }
 
-    /// Replaces one VM's figures with a new sample, or with its failure: a failed VM keeps only `up` = 0, its
-    /// counters and its sample duration, so that no stale figure looks current.
-    fn record_vm(
-        &self,
-        vm: &str,
-        result: &Result<(VmSample, Vec<Label>), StatsError>,
-        took: Duration,
-        exported: &mut Exported,
-    ) {
-        let _write = self
-            .update
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// Removes a VM's figures (not `up`, its counters or its sample duration). The caller holds `update`.
+    fn clear_figures(&self, vm: &str, exported: &mut Exported) {
         let l = VmLabels { vm: vm.into() };
-        self.sample_duration_s
-            .get_or_create(&l)
-            .set(took.as_secs_f64());
         for s in exported.states.drain(..) {
             self.vm_run_state.remove(&s);
         }
@@ -433,6 +413,61 @@ impl Metrics {
                 class: c.name().into(),
             });
         }
+    }
+
+    /// Names a VM's series: `vm` is the label its metrics carry, `socket` and `from` go into `qmigrate_vm_info`.
+    fn name_vm(&self, vm: &str, socket: &str, from: NameSource, exported: &mut Exported) {
+        let _write = self
+            .update
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(old) = exported.info.take() {
+            self.vm_info.remove(&old);
+        }
+        let info = InfoLabels {
+            vm: vm.into(),
+            socket: printable(socket).into_owned(),
+            name_from: from.as_str().into(),
+        };
+        self.vm_info.get_or_create(&info).set(1);
+        exported.info = Some(info);
+    }
+
+    /// Drops every series of `vm`, counters included: the VM goes by another name from now on.
+    fn forget_vm(&self, vm: &str, exported: &mut Exported) {
+        let _write = self
+            .update
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.clear_figures(vm, exported);
+        let l = VmLabels { vm: vm.into() };
+        self.vm_up.remove(&l);
+        self.samples.remove(&l);
+        self.sample_errors.remove(&l);
+        self.sample_duration_s.remove(&l);
+        if let Some(info) = exported.info.take() {
+            self.vm_info.remove(&info);
+        }
+    }
+
+    /// Replaces one VM's figures with a new sample, or with its failure: a failed VM keeps only `up` = 0, its
+    /// counters and its sample duration, so that no stale figure looks current.
+    fn record_vm(
+        &self,
+        vm: &str,
+        result: &Result<(VmSample, Vec<Label>), StatsError>,
+        took: Duration,
+        exported: &mut Exported,
+    ) {
+        let _write = self
+            .update
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let l = VmLabels { vm: vm.into() };
+        self.sample_duration_s
+            .get_or_create(&l)
+            .set(took.as_secs_f64());
+        self.clear_figures(vm, exported);
         let (sample, labels) = match result {
             Ok(r) => r,
             Err(_) => {
@@ -567,10 +602,21 @@ pub async fn run(
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
     let metrics = Arc::new(Metrics::new());
     let limit = Arc::new(Semaphore::new(opts.max_concurrent_vms.max(1)));
+    let names = Names::new(targets);
+    for i in 0..names.len() {
+        let (t, n) = (names.target(i), names.name(i));
+        if n.from == NameSource::SocketPath {
+            tracing::warn!(socket = %printable(&t.socket),
+                "another VM goes by the same name: labelled with its socket path");
+        }
+    }
+    let count = names.len();
+    let names = Arc::new(Mutex::new(names));
     let mut loops = tokio::task::JoinSet::new();
-    for target in targets {
+    for index in 0..count {
         loops.spawn(vm_loop(
-            target,
+            index,
+            Arc::clone(&names),
             opts.sample.clone(),
             Arc::clone(&metrics),
             Arc::clone(&limit),
@@ -638,15 +684,32 @@ async fn scrape(
 }
 
 /// One VM, sampled again and again: each sample spans the interval; a sample that fails early waits out the rest of
-/// the interval so that a dead socket is retried once per interval, not in a spin.
+/// the interval so that a dead socket is retried once per interval, not in a spin. The VM's first successful sample
+/// asks QEMU for its `-name`, which may rename it ([`Names::resolve`]): its series under the old name go.
 async fn vm_loop(
-    target: Target,
-    opts: SampleOptions,
+    index: usize,
+    names: Arc<Mutex<Names>>,
+    mut opts: SampleOptions,
     metrics: Arc<Metrics>,
     limit: Arc<Semaphore>,
     cancel: CancellationToken,
 ) {
+    let lock = || {
+        names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let (socket, mut name) = {
+        let names = lock();
+        (
+            names.target(index).socket.clone(),
+            names.name(index).clone(),
+        )
+    };
+    // The `vm` label: names come from peers and files, and people read the exposition text too.
+    let mut label = printable(&name.name).into_owned();
     let mut exported = Exported::default();
+    metrics.name_vm(&label, &socket, name.from, &mut exported);
     let mut last_error: Option<String> = None;
     while !cancel.is_cancelled() {
         let next = tokio::time::Instant::now() + opts.interval;
@@ -655,9 +718,12 @@ async fn vm_loop(
             () = cancel.cancelled() => break,
         };
         let Ok(_permit) = permit else { break };
+        let asked = opts.query_name && lock().wants_qemu_name(index);
+        let mut sample_opts = opts.clone();
+        sample_opts.query_name = asked;
         let started = Instant::now();
         let sampled = tokio::select! {
-            r = tokio::time::timeout(opts.vm_timeout, sampler::sample_vm(&target.socket, &opts)) => r,
+            r = tokio::time::timeout(opts.vm_timeout, sampler::sample_vm(&socket, &sample_opts)) => r,
             () = cancel.cancelled() => break,
         };
         let result = match sampled {
@@ -667,34 +733,58 @@ async fn vm_loop(
             }
             Ok(Err(e)) => Err(e),
             Err(_) => Err(StatsError::Timeout {
-                socket: target.socket.clone(),
+                socket: socket.clone(),
                 after: opts.vm_timeout,
             }),
         };
         let took = started.elapsed();
+        if let (Ok((sample, _)), true) = (&result, asked) {
+            // Once per VM, at its first answer: the name is settled whatever QEMU said.
+            opts.query_name = false;
+            let renamed = {
+                let mut names = lock();
+                names
+                    .resolve(index, sample.qemu_name.as_deref())
+                    .map(|_| names.name(index).clone())
+            };
+            if let Some(new) = renamed {
+                let new_label = printable(&new.name).into_owned();
+                tracing::info!(vm = %new_label, was = %label, socket = %printable(&socket),
+                    "named by QEMU's -name");
+                metrics.forget_vm(&label, &mut exported);
+                metrics.name_vm(&new_label, &socket, new.from, &mut exported);
+                (name, label) = (new, new_label);
+            } else {
+                let settled = lock().name(index).clone();
+                if settled.from != name.from {
+                    metrics.name_vm(&label, &socket, settled.from, &mut exported);
+                    name = settled;
+                }
+            }
+        }
         if result.is_ok() {
             // The sampler's own commands are not timed (its execute calls live in sampler.rs); a short probe on a
             // fresh connection measures the round trip instead, after the sample so the two never share the socket.
-            if let Ok(rtt) = probe_round_trip(&target.socket, opts.command_timeout).await {
+            if let Ok(rtt) = probe_round_trip(&socket, opts.command_timeout).await {
                 metrics.observe_round_trip(rtt);
             }
         }
         match &result {
             Ok(_) if last_error.is_some() => {
-                tracing::info!(vm = %target.name, "answers again");
+                tracing::info!(vm = %label, "answers again");
                 last_error = None;
             }
             Err(e) => {
                 let msg = error_chain(e);
                 // Log a failure when it starts or changes, not once per interval.
                 if last_error.as_deref() != Some(msg.as_str()) {
-                    tracing::warn!(vm = %target.name, error = %msg, "no sample");
+                    tracing::warn!(vm = %label, error = %printable(&msg), "no sample");
                     last_error = Some(msg);
                 }
             }
             Ok(_) => {}
         }
-        metrics.record_vm(&target.name, &result, took, &mut exported);
+        metrics.record_vm(&label, &result, took, &mut exported);
         drop(_permit);
         tokio::select! {
             () = tokio::time::sleep_until(next) => {}
@@ -737,25 +827,6 @@ async fn host_loop(interval: Duration, metrics: Arc<Metrics>, cancel: Cancellati
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn targets_take_a_name_only_before_a_plain_equals_sign() {
-        let cases = [
-            ("web1=/run/vm/web1.qmp", "web1", "/run/vm/web1.qmp"),
-            ("/run/vm/a=b.qmp", "/run/vm/a=b.qmp", "/run/vm/a=b.qmp"),
-            ("tcp:host:4444", "tcp:host:4444", "tcp:host:4444"),
-            ("db=tcp:host:4444", "db", "tcp:host:4444"),
-            ("=x", "=x", "=x"),
-        ];
-        for (arg, name, socket) in cases {
-            let t = Target::parse(arg);
-            assert_eq!(
-                (t.name.as_str(), t.socket.as_str()),
-                (name, socket),
-                "{arg}"
-            );
-        }
-    }
 
     #[tokio::test]
     async fn a_failed_vm_keeps_only_up_and_its_error_count() {
@@ -802,6 +873,7 @@ mod tests {
         };
         VmSample {
             socket: "vm.qmp".into(),
+            qemu_name: None,
             pid: Some(1),
             run_state: "running".into(),
             interval_ms: 1000,
@@ -899,6 +971,51 @@ mod tests {
         );
         assert!(
             text.contains(r#"qmigrate_vm_samples_total{vm="vm"} 2"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_renamed_vm_leaves_no_series_under_its_old_name() {
+        let m = Metrics::new();
+        let mut exported = Exported::default();
+        m.name_vm(
+            "vm.qmp.mon2",
+            "/run/vm.qmp.mon2",
+            NameSource::SocketFile,
+            &mut exported,
+        );
+        m.record_vm(
+            "vm.qmp.mon2",
+            &recorded(full_sample()),
+            Duration::from_secs(1),
+            &mut exported,
+        );
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains(
+                r#"qmigrate_vm_info{vm="vm.qmp.mon2",socket="/run/vm.qmp.mon2",name_from="socket-file"} 1"#
+            ),
+            "{text}"
+        );
+        m.forget_vm("vm.qmp.mon2", &mut exported);
+        m.name_vm("web", "/run/vm.qmp.mon2", NameSource::Qemu, &mut exported);
+        m.record_vm(
+            "web",
+            &recorded(full_sample()),
+            Duration::from_secs(1),
+            &mut exported,
+        );
+        let text = m.encode().unwrap();
+        assert!(!text.contains(r#"vm="vm.qmp.mon2""#), "{text}");
+        assert!(
+            text.contains(
+                r#"qmigrate_vm_info{vm="web",socket="/run/vm.qmp.mon2",name_from="qemu"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"qmigrate_vm_samples_total{vm="web"} 1"#),
             "{text}"
         );
     }

@@ -81,8 +81,9 @@ pub async fn watch(
     let mut sample = SampleOptions::new(opts.interval);
     sample.command_timeout = opts.command_timeout;
     sample.vm_timeout = opts.interval.max(Duration::from_secs(1)) + opts.command_timeout * 2;
-    // Only the dirty rate is wanted: no balloon polling is switched on in the guest for it.
+    // Only the dirty rate is wanted: no balloon polling is switched on in the guest for it, and the lines name no VM.
     sample.guest_stats = false;
+    sample.query_name = false;
     let mut series = Series::new(DEFAULT_CAPACITY);
     let origin = Instant::now();
     let (mut made, mut measured) = (0u64, 0u64);

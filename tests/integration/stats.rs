@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use qmigrate::stats::{sample_round, SampleOptions};
 use serde_json::Value;
 
-use crate::harness::{qmigrate, s, Bed, Tap};
+use crate::harness::{qmigrate, s, second_monitor, Bed, Tap};
 
 /// Runs `qmigrate stats --json` on one socket and returns its VM entry.
 async fn stats_of(qmp: &Path) -> Value {
@@ -174,6 +174,67 @@ async fn guest_memory_statistics_come_from_the_balloon() {
     assert!(available <= total && available > 64 << 20, "{guest:#}");
 }
 
+/// Starts a guest with `-name NAME` and a second monitor at `NAME.qmp.mon2`, a socket whose file name is not the
+/// VM's name; returns that socket.
+async fn guest_with_second_monitor(
+    bed: &mut Bed,
+    name: &str,
+    workload: &str,
+) -> std::path::PathBuf {
+    let mut mon2 = None;
+    bed.source_with(name, workload, |spec| mon2 = Some(second_monitor(spec)))
+        .await;
+    mon2.expect("a second monitor")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_names_a_bare_socket_by_qemus_name_and_keeps_the_socket() {
+    let mut bed = Bed::new();
+    let mon2 = guest_with_second_monitor(&mut bed, "web-7", "idle").await;
+    assert!(s(&mon2).ends_with("web-7.qmp.mon2"), "{}", mon2.display());
+    let vm = stats_of(&mon2).await;
+    assert_eq!(vm["name"], "web-7", "{vm:#}");
+    assert_eq!(vm["name_from"], "qemu", "{vm:#}");
+    assert_eq!(vm["socket"], s(&mon2), "{vm:#}");
+    assert_eq!(vm["sample"]["qemu_name"], "web-7", "{vm:#}");
+
+    // A name given on the command line wins; the table shows it, the socket below it.
+    let given = format!("front={}", mon2.display());
+    let run = qmigrate(
+        &[
+            "stats",
+            "--json",
+            "--no-dirty-rate",
+            "--interval",
+            "1s",
+            &given,
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let vm = &run.json()["vms"][0];
+    assert_eq!(
+        (&vm["name"], &vm["name_from"]),
+        (&"front".into(), &"given".into()),
+        "{vm:#}"
+    );
+    assert_eq!(vm["socket"], s(&mon2), "{vm:#}");
+    let run = qmigrate(
+        &["stats", "--no-dirty-rate", "--interval", "1s", s(&mon2)],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert!(lines[1].starts_with("web-7 "), "{run:?}");
+    assert_eq!(
+        lines[2],
+        format!("    socket: {}", mon2.display()),
+        "{run:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_guests_cost_about_one_sample_and_a_dead_one_is_reported() {
     let mut bed = Bed::new();
@@ -201,6 +262,12 @@ async fn ten_guests_cost_about_one_sample_and_a_dead_one_is_reported() {
         round.to_table()
     );
     assert_eq!(round.answered(), 9, "{}", round.to_table());
+    for (i, vm) in round.vms.iter().enumerate() {
+        assert_eq!(
+            (vm.name.as_str(), vm.socket.as_str()),
+            (format!("vm{i}").as_str(), sockets[i].as_str())
+        );
+    }
     let entry = round.vms.iter().find(|v| v.socket == dead).unwrap();
     let error = entry.error.as_deref().expect("the dead guest has an error");
     assert!(error.contains(&dead), "{error}");
@@ -222,10 +289,20 @@ async fn ten_guests_cost_about_one_sample_and_a_dead_one_is_reported() {
     )
     .await;
     assert_eq!(run.code, 0, "{run:?}");
-    assert!(
-        run.stdout.contains("vm0.qmp") && run.stdout.contains("1 of 2 VMs answered"),
-        "{run:?}"
-    );
+    // Each VM by its name (the live one's -name, the dead one's file name), its socket on the line below.
+    for (name, socket) in [("vm0", &sockets[0]), ("vm9", &dead)] {
+        let row = run
+            .stdout
+            .lines()
+            .position(|l| l.starts_with(&format!("{name} ")));
+        let row = row.unwrap_or_else(|| panic!("no {name} row: {run:?}"));
+        assert_eq!(
+            run.stdout.lines().nth(row + 1),
+            Some(format!("    socket: {socket}").as_str()),
+            "{run:?}"
+        );
+    }
+    assert!(run.stdout.contains("1 of 2 VMs answered"), "{run:?}");
     assert!(run.stderr.contains(&dead), "{run:?}");
     let run = qmigrate(
         &["stats", "--interval", "1s", &dead],
@@ -410,8 +487,9 @@ async fn serve_exports_prometheus_metrics_of_every_vm_and_stops_on_sigterm() {
     use crate::harness::{free_port, metric_value, spawn_until};
     use qmigrate::qmp::{ConnectOptions, Qmp};
     let mut bed = Bed::new();
-    let dirty = bed.source("dirty", "dirty:64").await;
-    let idle = bed.source("idle", "idle").await;
+    // Bare sockets whose file names (dirty.qmp.mon2) are not the VMs' names: the `vm` label is QEMU's -name.
+    let dirty = guest_with_second_monitor(&mut bed, "dirty", "dirty:64").await;
+    let idle = guest_with_second_monitor(&mut bed, "idle", "idle").await;
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let serve = spawn_until(
@@ -429,13 +507,21 @@ async fn serve_exports_prometheus_metrics_of_every_vm_and_stops_on_sigterm() {
     )
     .await;
     let (text, m) =
-        scrape_after_samples(port, &[s(&dirty), s(&idle)], 2.0, Duration::from_secs(40)).await;
+        scrape_after_samples(port, &["dirty", "idle"], 2.0, Duration::from_secs(40)).await;
     let v = |metric: &str, labels: &[(&str, &str)]| {
         metric_value(&m, metric, labels)
             .unwrap_or_else(|| panic!("no {metric} {labels:?}:\n{text}"))
     };
-    for vm in [s(&dirty), s(&idle)] {
+    for (vm, socket) in [("dirty", s(&dirty)), ("idle", s(&idle))] {
         assert_eq!(v("qmigrate_vm_up", &[("vm", vm)]), 1.0, "{text}");
+        assert_eq!(
+            v(
+                "qmigrate_vm_info",
+                &[("vm", vm), ("socket", socket), ("name_from", "qemu")]
+            ),
+            1.0,
+            "{text}"
+        );
         assert_eq!(
             v("qmigrate_vm_run_state", &[("vm", vm), ("state", "running")]),
             1.0
@@ -461,12 +547,9 @@ async fn serve_exports_prometheus_metrics_of_every_vm_and_stops_on_sigterm() {
     }
     let dirty_rate = v(
         "qmigrate_vm_dirty_rate_bytes_per_second",
-        &[("vm", s(&dirty))],
+        &[("vm", "dirty")],
     );
-    let idle_rate = v(
-        "qmigrate_vm_dirty_rate_bytes_per_second",
-        &[("vm", s(&idle))],
-    );
+    let idle_rate = v("qmigrate_vm_dirty_rate_bytes_per_second", &[("vm", "idle")]);
     assert!(
         dirty_rate > idle_rate && dirty_rate >= 8.0 * 1024.0 * 1024.0,
         "dirty {dirty_rate}, idle {idle_rate}"
@@ -474,32 +557,42 @@ async fn serve_exports_prometheus_metrics_of_every_vm_and_stops_on_sigterm() {
     assert_eq!(
         v(
             "qmigrate_vm_class",
-            &[("vm", s(&dirty)), ("class", "dirty-memory")]
+            &[("vm", "dirty"), ("class", "dirty-memory")]
         ),
         1.0,
         "{text}"
     );
     assert_eq!(
-        v("qmigrate_vm_class", &[("vm", s(&dirty)), ("class", "idle")]),
+        v("qmigrate_vm_class", &[("vm", "dirty"), ("class", "idle")]),
         0.0,
         "{text}"
     );
     assert_eq!(
-        v("qmigrate_vm_class", &[("vm", s(&idle)), ("class", "idle")]),
+        v("qmigrate_vm_class", &[("vm", "idle"), ("class", "idle")]),
         1.0,
         "{text}"
     );
     assert_eq!(
         v(
             "qmigrate_vm_class",
-            &[("vm", s(&idle)), ("class", "dirty-memory")]
+            &[("vm", "idle"), ("class", "dirty-memory")]
         ),
         0.0,
         "{text}"
     );
     assert!(
-        v("qmigrate_vm_cpu_percent", &[("vm", s(&dirty))])
-            > v("qmigrate_vm_cpu_percent", &[("vm", s(&idle))])
+        v("qmigrate_vm_cpu_percent", &[("vm", "dirty")])
+            > v("qmigrate_vm_cpu_percent", &[("vm", "idle")])
+    );
+    // No series under a path or a file name: the first sample renamed them, and their old series went.
+    let labels: Vec<&str> = m
+        .samples
+        .iter()
+        .filter_map(|s| s.labels.get("vm"))
+        .collect();
+    assert!(
+        labels.iter().all(|l| ["dirty", "idle"].contains(l)),
+        "{labels:?}\n{text}"
     );
     assert!(
         v("qmigrate_host_cpus", &[]) >= 1.0 && v("qmigrate_host_memory_total_bytes", &[]) > 0.0,
@@ -623,6 +716,68 @@ async fn serve_reports_a_dead_socket_as_an_error_and_serves_the_live_one() {
         .filter(|l| l.contains("no sample") && l.contains(&dead_path))
         .count();
     assert_eq!(logged, 1, "{run:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_names_a_vm_that_comes_up_late_by_its_name_once_it_answers() {
+    use crate::harness::{free_port, metric_value, spawn_until};
+    let mut bed = Bed::new();
+    // Where the guest's second monitor will be: nothing listens there yet.
+    let late = bed.path("late.qmp.mon2");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let serve = spawn_until(
+        &["serve", "--metrics", &addr, "--interval", "1s", s(&late)],
+        "serving metrics",
+        Duration::from_secs(20),
+    )
+    .await;
+    // Down: named by its socket's file name.
+    let (text, m) =
+        scrape_after_samples(port, &["late.qmp.mon2"], 1.0, Duration::from_secs(30)).await;
+    assert_eq!(
+        metric_value(&m, "qmigrate_vm_up", &[("vm", "late.qmp.mon2")]),
+        Some(0.0),
+        "{text}"
+    );
+    let info = |vm: &str, from: &str| {
+        metric_value(
+            &m,
+            "qmigrate_vm_info",
+            &[("vm", vm), ("socket", s(&late)), ("name_from", from)],
+        )
+    };
+    assert_eq!(info("late.qmp.mon2", "socket-file"), Some(1.0), "{text}");
+
+    // Up: named by its -name at its first answer; nothing stays under the file name.
+    let mon2 = guest_with_second_monitor(&mut bed, "late", "idle").await;
+    assert_eq!(mon2, late);
+    let (text, m) = scrape_after_samples(port, &["late"], 1.0, Duration::from_secs(30)).await;
+    assert_eq!(
+        metric_value(&m, "qmigrate_vm_up", &[("vm", "late")]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "qmigrate_vm_info",
+            &[("vm", "late"), ("socket", s(&late)), ("name_from", "qemu")]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        m.samples
+            .iter()
+            .all(|s| s.labels.get("vm").is_none_or(|vm| vm == "late")),
+        "{text}"
+    );
+    let serve = still_running(serve).await;
+    serve.signal(nix::sys::signal::Signal::SIGTERM);
+    let run = serve.finish(Duration::from_secs(15)).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stderr.contains("named by QEMU's -name"), "{run:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::harness::{qmigrate, s, Bed};
+use crate::harness::{qmigrate, s, second_monitor, Bed};
 
 fn tmux(args: &[&str]) -> String {
     let out = Command::new("tmux").args(args).output().expect("tmux");
@@ -39,8 +39,13 @@ fn wait_for_screen(session: &str, what: &str, timeout: Duration) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_shows_guests_sorts_and_quits_in_a_real_terminal() {
     let mut bed = Bed::new();
-    let busy = bed.source("busy", "dirty:32").await;
-    let idle = bed.source("calm", "idle").await;
+    // Second monitors (busy.qmp.mon2): bare sockets whose file names are not the VMs' -names, which name the rows.
+    let (mut busy, mut idle) = (None, None);
+    bed.source_with("busy", "dirty:32", |spec| busy = Some(second_monitor(spec)))
+        .await;
+    bed.source_with("calm", "idle", |spec| idle = Some(second_monitor(spec)))
+        .await;
+    let (busy, idle) = (busy.unwrap(), idle.unwrap());
     let missing = bed.path("missing.qmp");
     let session = Session(format!("qmtop{}", std::process::id()));
     let done = bed.path("top.exit");
@@ -69,15 +74,18 @@ async fn top_shows_guests_sorts_and_quits_in_a_real_terminal() {
     })
     .await
     .unwrap();
-    assert!(
-        screen.contains("busy.qmp") && screen.contains("calm.qmp"),
-        "{screen}"
-    );
+    // Rows by name: the -name of each live guest, the file name of the missing socket.
+    let row = |name: &str| {
+        screen
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} row:\n{screen}"))
+    };
+    assert!(row("busy").contains("dirty-memory"), "{screen}");
+    assert!(row("calm").contains("idle"), "{screen}");
+    assert!(row("missing").contains("error"), "{screen}");
+    assert!(!screen.contains(".mon2"), "{screen}");
     assert!(screen.contains("no such file"), "{screen}");
-    let busy_line = screen.lines().find(|l| l.contains("busy.qmp")).unwrap();
-    assert!(busy_line.contains("dirty-memory"), "{screen}");
-    let calm_line = screen.lines().find(|l| l.contains("calm.qmp")).unwrap();
-    assert!(calm_line.contains("idle"), "{screen}");
 
     // Sort by dirty rate, then reversed: the idle guest comes first.
     tmux(&["send-keys", "-t", &session.0, "d"]);
@@ -88,8 +96,13 @@ async fn top_shows_guests_sorts_and_quits_in_a_real_terminal() {
     })
     .await
     .unwrap();
-    let pos = |name: &str| screen.find(name).unwrap();
-    assert!(pos("calm.qmp") < pos("busy.qmp"), "{screen}");
+    let pos = |name: &str| {
+        screen
+            .lines()
+            .position(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} row:\n{screen}"))
+    };
+    assert!(pos("calm") < pos("busy"), "{screen}");
 
     tmux(&["send-keys", "-t", &session.0, "q"]);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -1,0 +1,394 @@
+//! The VMs of an inventory on their hosts: discovery (each host's socket glob and the VM entries), naming (the
+//! inventory's name, else QEMU's `-name`, else the socket's file name: `stats::name`), `qmigrate inventory check`, and finding a
+//! VM by name for `migrate --inventory`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::inventory::{Inventory, Transport};
+use qapi::qmp;
+
+use crate::qmp::{ConnectOptions, Qmp};
+use crate::remote::{HostError, HostLink};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FindError {
+    #[error("VM {name:?} is not in inventory {inventory} (found: {found})")]
+    NotFound {
+        name: String,
+        inventory: String,
+        found: String,
+    },
+    #[error("VM {name:?} is on more than one host: {where_}")]
+    Ambiguous { name: String, where_: String },
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// One VM as found on its host.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmCheck {
+    pub name: String,
+    /// `given` (the inventory's), `qemu` (its -name) or `socket-file`.
+    pub name_from: &'static str,
+    pub host: String,
+    pub socket: String,
+    pub qemu_version: Option<String>,
+    pub run_state: Option<String>,
+    pub ram_bytes: Option<u64>,
+    pub migration: Option<String>,
+    pub groups: Vec<String>,
+    pub anti_affinity: Vec<String>,
+    /// What is wrong with this VM (unreachable socket, not QEMU), if anything.
+    pub error: Option<String>,
+}
+
+/// One host as found.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostCheck {
+    pub name: String,
+    pub transport: String,
+    pub migration_address: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    pub nic_bytes_per_s: u64,
+    pub reachable: bool,
+    /// What is wrong with this host, if anything.
+    pub error: Option<String>,
+    pub vms: Vec<VmCheck>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub inventory: String,
+    pub hosts: Vec<HostCheck>,
+    /// Every problem found, each naming its host or VM.
+    pub problems: Vec<String>,
+}
+
+impl CheckReport {
+    pub fn to_table(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "{:<12} {:<6} {:<16} {:>5} {:>10} {:>12}  state",
+            "HOST", "VIA", "MIGRATION ADDR", "VCPUS", "MEMORY", "NIC"
+        );
+        for h in &self.hosts {
+            let _ = writeln!(
+                s,
+                "{:<12} {:<6} {:<16} {:>5} {:>10} {:>12}  {}",
+                h.name,
+                h.transport,
+                h.migration_address,
+                h.vcpus,
+                bytesize::ByteSize(h.memory_bytes).to_string_as(true),
+                format!("{}bit/s", si(h.nic_bytes_per_s as f64 * 8.0)),
+                if h.reachable {
+                    "reachable".to_string()
+                } else {
+                    h.error.clone().unwrap_or_default()
+                }
+            );
+        }
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "{:<16} {:<10} {:<8} {:>10} {:<12} {:<10}  SOCKET",
+            "VM", "HOST", "QEMU", "RAM", "STATE", "MIGRATION"
+        );
+        for h in &self.hosts {
+            for v in &h.vms {
+                let _ = writeln!(
+                    s,
+                    "{:<16} {:<10} {:<8} {:>10} {:<12} {:<10}  {}{}",
+                    v.name,
+                    v.host,
+                    v.qemu_version.as_deref().unwrap_or("-"),
+                    v.ram_bytes
+                        .map_or("-".into(), |b| bytesize::ByteSize(b).to_string_as(true)),
+                    v.run_state.as_deref().unwrap_or("-"),
+                    v.migration.as_deref().unwrap_or("-"),
+                    v.socket,
+                    v.error
+                        .as_ref()
+                        .map(|e| format!("  ERROR: {e}"))
+                        .unwrap_or_default()
+                );
+            }
+        }
+        if self.problems.is_empty() {
+            let _ = writeln!(s, "\nno problems found");
+        } else {
+            let _ = writeln!(s, "\n{} problem(s):", self.problems.len());
+            for p in &self.problems {
+                let _ = writeln!(s, "  {p}");
+            }
+        }
+        s
+    }
+}
+
+fn si(v: f64) -> String {
+    match v {
+        v if v >= 1e9 => format!("{:.3}G", v / 1e9).replace(".000", ""),
+        v if v >= 1e6 => format!("{:.3}M", v / 1e6).replace(".000", ""),
+        v if v >= 1e3 => format!("{:.3}k", v / 1e3).replace(".000", ""),
+        v => format!("{v}"),
+    }
+}
+
+/// The sockets of one host: the glob's matches and the VM entries' explicit sockets, each with the inventory
+/// name it has, if any.
+async fn sockets_of(
+    inv: &Inventory,
+    link: &HostLink,
+) -> Result<Vec<(String, Option<String>)>, HostError> {
+    let mut found: BTreeMap<String, Option<String>> = BTreeMap::new();
+    if let Some(glob) = &link.host.qmp_glob {
+        for s in link.list_sockets(glob).await? {
+            found.insert(s, None);
+        }
+    }
+    for v in inv.vms.values().filter(|v| v.host == link.host.name) {
+        if let Some(q) = &v.qmp {
+            found.insert(q.clone(), Some(v.name.clone()));
+        }
+    }
+    Ok(found.into_iter().collect())
+}
+
+/// Reads one VM over QMP (version, run state, name, RAM, migration status); its QMP session ends on return.
+async fn check_vm(
+    inv: &Inventory,
+    link: &HostLink,
+    socket: &str,
+    listed: Option<&str>,
+    opts: &ConnectOptions,
+) -> VmCheck {
+    let mut vm = VmCheck {
+        name: String::new(),
+        name_from: "socket-file",
+        host: link.host.name.clone(),
+        socket: socket.to_string(),
+        qemu_version: None,
+        run_state: None,
+        ram_bytes: None,
+        migration: None,
+        groups: Vec::new(),
+        anti_affinity: Vec::new(),
+        error: None,
+    };
+    let mut qemu_name = None;
+    match link.connect_qmp(socket, opts).await {
+        Err(e) => vm.error = Some(crate::stats::error_chain(&e)),
+        Ok(q) => {
+            let (a, b, c) = q.greeting().version;
+            vm.qemu_version = Some(format!("{a}.{b}.{c}"));
+            qemu_name = query_name(&q).await;
+            match q.execute(&crate::qmp::types::QueryStatus {}).await {
+                Ok(s) => vm.run_state = Some(s.status),
+                Err(e) => vm.error = Some(e.to_string()),
+            }
+            vm.ram_bytes = q
+                .execute(&qmp::query_memory_size_summary {})
+                .await
+                .ok()
+                .map(|m| m.base_memory.saturating_add(m.plugged_memory.unwrap_or(0)));
+            vm.migration = q
+                .execute(&crate::qmp::types::QueryMigrate {})
+                .await
+                .ok()
+                .and_then(|m| m.status);
+        }
+    }
+    // An entry names the VM; else an entry whose name is QEMU's -name claims it.
+    let entry_name = listed.map(str::to_string).or_else(|| {
+        qemu_name
+            .as_ref()
+            .filter(|n| {
+                inv.vms
+                    .get(n.as_str())
+                    .is_some_and(|e| e.host == link.host.name && e.qmp.is_none())
+            })
+            .cloned()
+    });
+    let named = crate::stats::name::vm_name(entry_name.as_deref(), qemu_name.as_deref(), socket);
+    vm.name = crate::text::printable(&named.name).into_owned();
+    vm.name_from = named.from.as_str();
+    if let Some(e) = inv.vms.get(&vm.name) {
+        vm.groups = e.groups.clone();
+        vm.anti_affinity = e.anti_affinity.clone();
+    }
+    vm
+}
+
+/// QEMU's `-name`, if it has one.
+pub async fn query_name(q: &Qmp) -> Option<String> {
+    q.execute_raw("query-name", None, Duration::from_secs(5))
+        .await
+        .ok()
+        .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string))
+}
+
+/// Reaches every host and VM of the inventory, all hosts at once.
+pub async fn check(inv: &Inventory, opts: &ConnectOptions) -> CheckReport {
+    let links = crate::remote::links(inv);
+    let tasks = links.iter().map(|link| check_host(inv, link, opts));
+    let hosts = futures_util::future::join_all(tasks).await;
+    let mut problems = Vec::new();
+    let mut seen: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for h in &hosts {
+        if let Some(e) = &h.error {
+            problems.push(format!("host {}: {e}", h.name));
+        }
+        for v in &h.vms {
+            if let Some(e) = &v.error {
+                problems.push(format!(
+                    "VM {} on host {} ({}): {e}",
+                    v.name, v.host, v.socket
+                ));
+            }
+            seen.entry(v.name.as_str())
+                .or_default()
+                .push(h.name.as_str());
+        }
+    }
+    for (name, where_) in &seen {
+        if where_.len() > 1 {
+            problems.push(format!(
+                "VM {name} is found more than once: on {}",
+                where_.join(", ")
+            ));
+        }
+    }
+    for e in inv.vms.values() {
+        if !seen.contains_key(e.name.as_str()) {
+            problems.push(format!(
+                "VM {} (inventory entry, host {}): not found on its host",
+                e.name, e.host
+            ));
+        }
+    }
+    CheckReport {
+        inventory: inv.path.display().to_string(),
+        hosts,
+        problems,
+    }
+}
+
+async fn check_host(inv: &Inventory, link: &Arc<HostLink>, opts: &ConnectOptions) -> HostCheck {
+    let h = &link.host;
+    let mut out = HostCheck {
+        name: h.name.clone(),
+        transport: match h.transport {
+            Transport::Local => "local".into(),
+            Transport::Ssh { .. } => "ssh".into(),
+        },
+        migration_address: h.migration_address.clone(),
+        vcpus: h.capacity.vcpus,
+        memory_bytes: h.capacity.memory_bytes,
+        nic_bytes_per_s: h.capacity.nic_bytes_per_s,
+        reachable: false,
+        error: None,
+        vms: Vec::new(),
+    };
+    if let Err(e) = link.ping().await {
+        out.error = Some(crate::stats::error_chain(&e));
+        return out;
+    }
+    out.reachable = true;
+    match sockets_of(inv, link).await {
+        Err(e) => out.error = Some(crate::stats::error_chain(&e)),
+        Ok(sockets) => {
+            for (socket, listed) in sockets {
+                out.vms
+                    .push(check_vm(inv, link, &socket, listed.as_deref(), opts).await);
+            }
+        }
+    }
+    out
+}
+
+/// A VM found by name: its host and socket.
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub name: String,
+    pub link: Arc<HostLink>,
+    pub socket: String,
+}
+
+/// Finds a VM by name: an entry with a socket directly; otherwise the hosts are searched (the entry's host, or
+/// all of them) and each VM named as `inventory check` names it.
+pub async fn find(
+    inv: &Inventory,
+    name: &str,
+    opts: &ConnectOptions,
+) -> Result<Located, FindError> {
+    let links = crate::remote::links(inv);
+    if let Some(e) = inv.vms.get(name) {
+        let link = links
+            .iter()
+            .find(|l| l.host.name == e.host)
+            .expect("validated host")
+            .clone();
+        if let Some(q) = &e.qmp {
+            return Ok(Located {
+                name: name.into(),
+                link,
+                socket: q.clone(),
+            });
+        }
+    }
+    let candidates: Vec<&Arc<HostLink>> = match inv.vms.get(name) {
+        Some(e) => links.iter().filter(|l| l.host.name == e.host).collect(),
+        None => links.iter().collect(),
+    };
+    let mut hits = Vec::new();
+    let mut found = Vec::new();
+    for link in candidates {
+        let host = check_host(inv, link, opts).await;
+        if let Some(e) = host.error {
+            // A host that cannot be searched might hold the VM: say so rather than "not found".
+            return Err(FindError::Host(HostError::Invalid {
+                host: host.name,
+                what: format!("cannot be searched for VM {name:?}: {e}"),
+            }));
+        }
+        for v in host.vms {
+            if v.name == name {
+                hits.push(Located {
+                    name: name.into(),
+                    link: link.clone(),
+                    socket: v.socket,
+                });
+            } else {
+                found.push(format!("{} on {}", v.name, v.host));
+            }
+        }
+    }
+    match hits.len() {
+        1 => Ok(hits.remove(0)),
+        0 => Err(FindError::NotFound {
+            name: name.into(),
+            inventory: inv.path.display().to_string(),
+            found: if found.is_empty() {
+                "no VMs".into()
+            } else {
+                found.join(", ")
+            },
+        }),
+        _ => Err(FindError::Ambiguous {
+            name: name.into(),
+            where_: hits
+                .iter()
+                .map(|h| format!("{}:{}", h.link.host.name, h.socket))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }),
+    }
+}
