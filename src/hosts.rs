@@ -23,6 +23,8 @@ pub enum FindError {
         inventory: String,
         found: String,
     },
+    #[error("VM {name:?} does not answer: {sockets}")]
+    Unanswered { name: String, sockets: String },
     #[error("VM {name:?} is on more than one host: {where_}")]
     Ambiguous { name: String, where_: String },
     #[error(transparent)]
@@ -350,6 +352,7 @@ pub async fn find(
     };
     let mut hits = Vec::new();
     let mut found = Vec::new();
+    let mut broken = Vec::new();
     for link in candidates {
         let host = check_host(inv, link, opts).await;
         if let Some(e) = host.error {
@@ -360,7 +363,15 @@ pub async fn find(
             }));
         }
         for v in host.vms {
-            if v.name == name {
+            if v.name == name && v.error.is_some() {
+                // A socket nobody answers on (a QEMU that died) is no VM; it is named if nothing else matches.
+                broken.push(format!(
+                    "{}:{}: {}",
+                    v.host,
+                    v.socket,
+                    v.error.unwrap_or_default()
+                ));
+            } else if v.name == name {
                 hits.push(Located {
                     name: name.into(),
                     link: link.clone(),
@@ -373,6 +384,10 @@ pub async fn find(
     }
     match hits.len() {
         1 => Ok(hits.remove(0)),
+        0 if !broken.is_empty() => Err(FindError::Unanswered {
+            name: name.into(),
+            sockets: broken.join("; "),
+        }),
         0 => Err(FindError::NotFound {
             name: name.into(),
             inventory: inv.path.display().to_string(),

@@ -428,6 +428,22 @@ impl HostLink {
             .map(|_| ())
     }
 
+    /// Removes a socket file qmigrate's destination left (only a socket: never a file or a link of another kind).
+    pub async fn remove_socket(&self, socket: &str) -> Result<(), HostError> {
+        self.run(
+            &[
+                "sh",
+                "-c",
+                r#"[ ! -S "$1" ] || rm -f -- "$1""#,
+                "sh",
+                socket,
+            ],
+            COMMAND_TIMEOUT,
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Makes `dir` on the host (and its parents), private to the user.
     pub async fn make_dir(&self, dir: &str) -> Result<(), HostError> {
         self.run(&["mkdir", "-p", "-m", "0700", dir], COMMAND_TIMEOUT)

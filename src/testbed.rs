@@ -28,6 +28,9 @@ pub struct GuestSpec {
     pub extra_args: Vec<String>,
     /// Start as a migration destination (`-incoming defer`).
     pub incoming: bool,
+    /// A command QEMU is started through, which must exec it under its own pid: e.g.
+    /// `scripts/testbed exec h1 --` (a host of the testbed: its namespace and CPU set).
+    pub wrapper: Vec<String>,
 }
 
 impl GuestSpec {
@@ -43,6 +46,7 @@ impl GuestSpec {
             kernel_extra: String::new(),
             extra_args: Vec::new(),
             incoming: false,
+            wrapper: Vec::new(),
         }
     }
 
@@ -92,7 +96,15 @@ impl Guest {
         let qmp = spec.qmp_path();
         let _ = std::fs::remove_file(&qmp);
         let log = spec.run_dir.join(format!("{}.qemu.log", spec.name));
-        let mut process = QemuProcess::spawn(&spec.qemu, &spec.args()?, &qmp, &log)?;
+        let mut process = match spec.wrapper.split_first() {
+            None => QemuProcess::spawn(&spec.qemu, &spec.args()?, &qmp, &log)?,
+            Some((program, rest)) => {
+                let mut args = rest.to_vec();
+                args.push(spec.qemu.display().to_string());
+                args.extend(spec.args()?);
+                QemuProcess::spawn(Path::new(program), &args, &qmp, &log)?
+            }
+        };
         process.wait_for_socket(Duration::from_secs(10)).await?;
         Ok(Guest { spec, process })
     }

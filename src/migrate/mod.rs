@@ -324,6 +324,7 @@ pub async fn migrate(
                 Some(Launched::Remote {
                     link: link.clone(),
                     pid,
+                    socket: host_qmp_path(req, link),
                 }),
             )
         }
@@ -1504,16 +1505,24 @@ async fn listening_port(dst: &Qmp) -> Option<u16> {
 /// A destination QEMU qmigrate started: killed when the migration ends without it carrying the guest.
 enum Launched {
     Local(QemuProcess),
-    Remote { link: Arc<HostLink>, pid: i32 },
+    Remote {
+        link: Arc<HostLink>,
+        pid: i32,
+        socket: String,
+    },
 }
 
 impl Launched {
     async fn kill(&mut self) {
         match self {
             Launched::Local(p) => p.kill(),
-            Launched::Remote { link, pid } => {
+            Launched::Remote { link, pid, socket } => {
                 if let Err(e) = link.kill(*pid).await {
                     warn!(host = %link.name(), pid = *pid, "cannot end the destination QEMU: {e}");
+                }
+                // Its socket would look like a VM of that host to the next search.
+                if let Err(e) = link.remove_socket(socket).await {
+                    warn!(host = %link.name(), %socket, "cannot remove the destination's socket: {e}");
                 }
             }
         }
@@ -1724,12 +1733,14 @@ async fn launch_on_host(
         .await
     {
         let _ = link.kill(pid).await;
+        let _ = link.remove_socket(&dst_socket).await;
         return Err(e.into());
     }
     match link.connect_qmp(&dst_socket, opts).await {
         Ok(q) => Ok((q, pid)),
         Err(e) => {
             let _ = link.kill(pid).await;
+            let _ = link.remove_socket(&dst_socket).await;
             Err(e.into())
         }
     }

@@ -13,14 +13,14 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed");
 const LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// Runs a command to its end, killing it at `limit` (a hung ssh must fail the test, not stall it).
-fn run(cmd: &mut Command, limit: Duration) -> Run {
+pub fn run(cmd: &mut Command, limit: Duration) -> Run {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -61,15 +61,15 @@ fn testbed(args: &[&str]) -> Run {
 }
 
 /// A testbed by name; `down` in Drop. Made before `up` runs, so that a failed `up` is cleaned as well.
-struct Bed {
-    name: &'static str,
-    subnet: &'static str,
-    dir: PathBuf,
+pub struct Bed {
+    pub name: &'static str,
+    pub subnet: &'static str,
+    pub dir: PathBuf,
     scratch: tempfile::TempDir,
 }
 
 impl Bed {
-    fn new(name: &'static str, subnet: &'static str) -> Bed {
+    pub fn new(name: &'static str, subnet: &'static str) -> Bed {
         assert!(
             Path::new("/usr/sbin/sshd").exists(),
             "no /usr/sbin/sshd: run scripts/install-deps"
@@ -96,22 +96,22 @@ impl Bed {
         ]
     }
 
-    fn up(&self, extra: &[&str]) -> Run {
+    pub fn up(&self, extra: &[&str]) -> Run {
         let mut args = self.args("up");
         args.extend(["--subnet", self.subnet]);
         args.extend(extra);
         testbed(&args)
     }
 
-    fn down(&self) -> Run {
+    pub fn down(&self) -> Run {
         testbed(&self.args("down"))
     }
 
-    fn ip(&self, host: usize) -> String {
+    pub fn ip(&self, host: usize) -> String {
         format!("{}.{}", self.subnet, 10 + host)
     }
 
-    fn ssh(&self, host: usize, remote: &str) -> Run {
+    pub fn ssh(&self, host: usize, remote: &str) -> Run {
         run(
             Command::new("ssh")
                 .arg("-F")
@@ -204,7 +204,7 @@ fn cpus_allowed(status: &str) -> &str {
 }
 
 /// A process that is gone, or a zombie nobody reaped yet (pid 1 here may not reap).
-fn gone(pid: i32) -> bool {
+pub fn gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(stat) => stat
