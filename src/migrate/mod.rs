@@ -249,6 +249,22 @@ impl MigrationReport {
     }
 }
 
+/// The source's QMP session: through its host when it has one (the inventory's), else directly.
+async fn connect_source(
+    req: &MigrationRequest,
+    opts: &ConnectOptions,
+) -> Result<Qmp, MigrateError> {
+    match &req.source_host {
+        Some(link) => Ok(link.connect_qmp(&req.source, opts).await?),
+        None => Qmp::connect(&req.source, opts)
+            .await
+            .map_err(MigrateError::Source),
+    }
+}
+
+/// How long a broken QMP session to a destination on another host is retried while its QEMU lives.
+const RECONNECT_WINDOW: Duration = Duration::from_secs(10);
+
 /// Bound on one query of either end while the migration runs.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Consecutive unanswered polls after which the source counts as unreachable.
@@ -270,12 +286,7 @@ pub async fn migrate(
         Some(link) if !link.is_local() => VmLock::acquire_keyed(&link.label(&req.source))?,
         _ => VmLock::acquire(&req.source)?,
     };
-    let src = match &req.source_host {
-        Some(link) => link.connect_qmp(&req.source, &req.connect).await?,
-        None => Qmp::connect(&req.source, &req.connect)
-            .await
-            .map_err(MigrateError::Source)?,
-    };
+    let src = connect_source(req, &req.connect).await?;
     let src_label = src.label().to_string();
     let status = src
         .execute(&QueryStatus {})
@@ -420,26 +431,7 @@ pub async fn migrate(
         run.end_launched_destination().await;
         return Err(e);
     }
-    let src = run.src.clone();
-    let moved_to_host = matches!(req.destination, Destination::Host { .. });
-    let mut report = run.drive(cancel, progress).await;
-    if tls && report.final_state.source != "gone" {
-        clear_tls(&src).await;
-    }
-    if moved_to_host
-        && report.outcome == Outcome::Completed
-        && report.final_state.running_copies == 1
-    {
-        // The guest runs on the other host: its old QEMU holds only a stale image, and would be listed as a
-        // second copy of the VM on the source host. It goes, as libvirt ends a migrated domain's source.
-        match src.execute(&qmp::quit {}).await {
-            Ok(_) => report.source_quit = true,
-            Err(e) if e.is_closed() => report.source_quit = true,
-            Err(e) => warn!(vm = %report.vm, "cannot quit the source QEMU after the move: {e}"),
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), src.closed()).await;
-    }
-    Ok(report)
+    Ok(run.drive(cancel, progress).await)
 }
 
 /// Takes over a migration under way on the source (`--adopt`, `recover`, `cancel`).
@@ -799,6 +791,27 @@ impl<'a> Run<'a> {
         Ok(())
     }
 
+    /// After a move to another host, the source's QEMU holds only a stale image and would be listed as a second
+    /// copy of the VM on its host: it is ended (`quit`), as libvirt ends a migrated domain's source. True once
+    /// it is gone.
+    async fn quit_source(&self) -> bool {
+        if self.src.is_closed() {
+            warn!(vm = %self.vm(), "the source QEMU cannot be ended: no QMP session to it");
+            return false;
+        }
+        match self.src.execute_timeout(&qmp::quit {}, QUERY_TIMEOUT).await {
+            Ok(_) => {}
+            Err(e) if e.is_closed() => {}
+            Err(e) => {
+                warn!(vm = %self.vm(), "cannot end the source QEMU after the move: {e}");
+                return false;
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(5), self.src.closed())
+            .await
+            .is_ok()
+    }
+
     async fn clear_tls(&self) {
         clear_tls(&self.src).await;
     }
@@ -934,6 +947,11 @@ impl<'a> Run<'a> {
                     Some(Observation::Interrupt)
                 }
                 _ = self.dst.closed(), if !self.dst_gone_seen => {
+                    // Over ssh, a closed session is not a dead QEMU: ask its host before believing it.
+                    if self.reconnect_destination().await {
+                        dst_events_open = true;
+                        continue;
+                    }
                     self.dst_gone_seen = true;
                     // Events the destination sent before it went (a guest's own SHUTDOWN under -no-reboot) come
                     // first: they say why it went.
@@ -961,6 +979,44 @@ impl<'a> Run<'a> {
             }
         }
         self.finish().await
+    }
+
+    /// The destination's QMP session closed. For a QEMU qmigrate started on another host, the session rides on
+    /// ssh and may have broken while QEMU runs on: its host is asked whether the process lives, and a new session
+    /// opened if it does, for up to [`RECONNECT_WINDOW`]. True when a new session replaced the old one.
+    async fn reconnect_destination(&mut self) -> bool {
+        let Some(Launched::Remote { link, pid, socket }) = &self.dst_process else {
+            return false;
+        };
+        let (link, pid, socket) = (link.clone(), *pid, socket.clone());
+        let opts = ConnectOptions {
+            handshake_timeout: QUERY_TIMEOUT,
+            ..destination_connect(self.req)
+        };
+        let deadline = Instant::now() + RECONNECT_WINDOW;
+        let pid_arg = pid.to_string();
+        while Instant::now() < deadline {
+            match link.run(&["kill", "-0", &pid_arg], QUERY_TIMEOUT).await {
+                // The process is gone: so is the destination.
+                Err(HostError::Command { .. }) => return false,
+                Err(e) => debug!(vm = %self.vm(), "destination host: {e}"),
+                Ok(_) => match link.connect_qmp(&socket, &opts).await {
+                    Ok(q) => {
+                        warn!(vm = %self.vm(), host = %link.name(), "the destination's QMP session broke; reconnected");
+                        self.trail(Some(format!(
+                            "the QMP session to the destination on {} broke while its QEMU (pid {pid}) ran on; reconnected",
+                            link.name()
+                        )));
+                        self.dst_events = q.events();
+                        self.dst = q;
+                        return true;
+                    }
+                    Err(e) => debug!(vm = %self.vm(), "reconnecting to the destination: {e}"),
+                },
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        false
     }
 
     /// Feeds one observation (and every observation its commands produce) to the machine.
@@ -1055,7 +1111,7 @@ impl<'a> Run<'a> {
                         handshake_timeout: QUERY_TIMEOUT,
                         ..self.req.connect.clone()
                     };
-                    match Qmp::connect(&self.req.source, &opts).await {
+                    match connect_source(self.req, &opts).await {
                         Ok(q) => {
                             info!(vm = %self.vm(), "reconnected to the source");
                             self.src_events = q.events();
@@ -1346,6 +1402,15 @@ impl<'a> Run<'a> {
         let wall_ms = self.now().as_millis() as u64;
         let completed = outcome == Outcome::Completed;
         let final_state = final_state(&self.src, &self.dst, completed, guest_shutdown).await;
+        if let Destination::Host { tls, .. } = &self.req.destination {
+            if *tls && final_state.source != "gone" {
+                clear_tls(&self.src).await;
+            }
+            if completed && final_state.running_copies == 1 && final_state.destination == "running"
+            {
+                self.report.source_quit = self.quit_source().await;
+            }
+        }
         if let Some(mut p) = self.dst_process.take() {
             if final_state.destination == "running" || outcome == Outcome::Paused || completed {
                 // It carries the guest (or half of it, paused): it must outlive us.

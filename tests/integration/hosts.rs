@@ -489,3 +489,105 @@ qmp = "DIR/ghost.qmp"
         "{run:?}"
     );
 }
+
+/// Pids of the `socat` processes that carry a QMP session to `socket` over ssh (on the socket's host).
+fn socat_sessions(socket: &Path) -> Vec<i32> {
+    let want = format!("UNIX-CONNECT:{}", socket.display());
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"socat")) && args.contains(&want.as_bytes())
+        })
+        .collect()
+}
+
+fn kill_sessions(socket: &Path) -> usize {
+    let pids = socat_sessions(socket);
+    for &pid in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    pids.len()
+}
+
+/// Faults on the way between hosts, during one migration: the QMP session to the destination breaks (its ssh
+/// side killed), then the source's, then the destination host's link goes down for 3 s. The QEMUs live on
+/// through all of it; qmigrate reconnects and the guest ends up on h2, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_sessions_and_a_link_down_mid_migration_still_move_the_guest_once() {
+    let tb = testbed_up("qmh4", "10.84.0", "100mbit");
+    let mut bed = Bed::new();
+    let dir = run_dir(&tb, "h1");
+    let wrapper = vec![
+        concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").to_string(),
+        "exec".into(),
+        "h1".into(),
+        "--name".into(),
+        tb.name.into(),
+        "--dir".into(),
+        tb.dir.display().to_string(),
+        "--".into(),
+    ];
+    let mut monitor = PathBuf::new();
+    let on_h1 = bed
+        .source_with("faulty", "dirty:64:2", |spec| {
+            spec.run_dir = dir;
+            spec.wrapper = wrapper;
+            monitor = crate::harness::second_monitor(spec);
+        })
+        .await;
+    let on_h2 = run_dir(&tb, "h2").join("faulty.qmp");
+    let inv = inventory(&tb);
+    let args = [
+        "migrate",
+        "faulty",
+        "--inventory",
+        &inv,
+        "--to-host",
+        "h2",
+        "--json",
+    ];
+    let child = crate::harness::qmigrate_cmd(&args).spawn().unwrap();
+    crate::harness::wait_migration_status(&monitor, "active", Duration::from_secs(60)).await;
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        kill_sessions(&on_h2),
+        1,
+        "one QMP session to the destination"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(kill_sessions(&on_h1), 1, "one QMP session to the source");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        crate::harness::migration_status(&monitor).await,
+        "active",
+        "the faults came too late"
+    );
+    let ns = format!("{}-h2", tb.name);
+    let link = |state: &str| {
+        let r = run(
+            Command::new("ip").args(["netns", "exec", &ns, "ip", "link", "set", "eth0", state]),
+            Duration::from_secs(10),
+        );
+        assert_eq!(r.code, Some(0), "{r:?}");
+    };
+    link("down");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    link("up");
+
+    let run = crate::harness::finish(child, MIGRATE_LIMIT).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "completed", "{r:#}");
+    assert_eq!(r["final_state"]["running_copies"], 1, "{r:#}");
+    let trail = r["phases"].to_string();
+    assert!(trail.contains("reconnected"), "{r:#}");
+    assert_eq!(run_state(&on_h2).await, "running");
+    assert_eq!(run_state_or_gone(&monitor).await, "gone");
+}
