@@ -349,8 +349,8 @@ impl HostLink {
     }
 
     /// Starts a program on the host as its own process (a new session, not a child of the ssh session), its
-    /// output appended to `log`, as `run_as` (uid, gid) when that is not the user qmigrate runs as there. Returns
-    /// its pid.
+    /// output appended to `log`, as `run_as` (uid, gid) when that is not the user qmigrate runs as there. Its pid
+    /// is written to `LOG.pid` on the host and returned.
     pub async fn spawn_detached(
         &self,
         cwd: &str,
@@ -360,7 +360,8 @@ impl HostLink {
         args: &[String],
     ) -> Result<i32, HostError> {
         let (uid, gid);
-        let mut argv: Vec<&str> = vec!["sh", "-c", SPAWN_SCRIPT, "sh", cwd, log];
+        let pidfile = format!("{log}.pid");
+        let mut argv: Vec<&str> = vec!["sh", "-c", SPAWN_SCRIPT, "sh", cwd, log, &pidfile];
         if let Some((u, g)) = run_as {
             uid = format!("--reuid={u}");
             gid = format!("--regid={g}");
@@ -467,10 +468,12 @@ impl HostLink {
 const PROCESS_SCRIPT: &str = r#"p=/proc/$1
 stat -c '%u %g' "$p" && id -u && readlink "$p/exe" && readlink "$p/cwd" && cat "$p/cmdline""#;
 
-/// `cd CWD`, then starts the rest in a new session with its output to LOG, and prints its pid.
+/// `cd CWD`, then starts the rest in a new session with its output to LOG, and writes its pid to PIDFILE and
+/// prints it.
 const SPAWN_SCRIPT: &str = r#"cd "$1" 2>/dev/null || cd /
-log=$2; shift 2
+log=$2; pidfile=$3; shift 3
 setsid "$@" </dev/null >>"$log" 2>&1 &
+echo $! >"$pidfile"
 echo $!"#;
 
 /// Prints `ready` when socket $2 exists, `dead` and the end of log $3 when pid $1 is gone, else `wait`.

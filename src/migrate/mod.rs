@@ -249,6 +249,18 @@ impl MigrationReport {
     }
 }
 
+/// The VM's name for the report and logs: the one asked for (the inventory's), else QEMU's `-name`, else the
+/// source's QMP address.
+async fn vm_name(req: &MigrationRequest, src: &Qmp) -> String {
+    if let Some(n) = &req.vm_name {
+        return n.clone();
+    }
+    match crate::hosts::query_name(src).await {
+        Some(n) if !n.trim().is_empty() => crate::text::printable(&n).into_owned(),
+        _ => src.label().to_string(),
+    }
+}
+
 /// The source's QMP session: through its host when it has one (the inventory's), else directly.
 async fn connect_source(
     req: &MigrationRequest,
@@ -410,7 +422,12 @@ pub async fn migrate(
     // Set-up: what it changes on the source is undone if QEMU refuses any of it.
     let caps_before = src.execute(&QueryMigrateCapabilities {}).await.ok();
     let stream = stream(req, &dst)?;
+    let name = vm_name(req, &src).await;
     let mut run = Run::new(req, src, dst, dst_process, stream, false);
+    run.report.vm = name;
+    if let Some(Launched::Remote { pid, .. }) = &run.dst_process {
+        run.report.destination_pid = Some(*pid);
+    }
     run.report.ram_bytes = ram_bytes;
     run.report.dirty_rate_before = dirty_rate_before;
     run.report.predicted = predicted;
@@ -489,7 +506,9 @@ async fn adopt(
     };
     let stream = stream(req, &dst)?;
     info!(vm = %src_label, destination = %dst.label(), %status, "taking over the migration under way");
+    let name = vm_name(req, &src).await;
     let mut run = Run::new(req, src, dst, None, stream, true);
+    run.report.vm = name;
     run.last = mig;
     run.report.ram_bytes = run.last.ram.as_ref().map_or(0, |r| r.total);
     let (machine, decision) = Machine::adopting(run.machine.rules.clone(), &status, Duration::ZERO);

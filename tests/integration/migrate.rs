@@ -22,6 +22,9 @@ async fn idle_guest_migrates() {
     assert_eq!(run.code, 0, "{run:?}");
     let r = run.json();
     assert_eq!(r["outcome"], "completed", "{run:?}");
+    // The VM is named by QEMU's -name; its sockets stay in the report as they were given.
+    assert_eq!(r["vm"], "src", "{run:?}");
+    assert_eq!(r["source"], src.display().to_string(), "{run:?}");
     assert_eq!(run_state(&dst).await, "running");
     assert_eq!(run_state(&src).await, "postmigrate");
     assert_eq!(r["final_state"]["running_copies"], 1);
