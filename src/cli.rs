@@ -59,6 +59,9 @@ pub enum InventoryCommand {
 pub struct InventoryCheckArgs {
     /// The inventory file (TOML; see examples/inventory.toml).
     pub file: PathBuf,
+    /// Skip sampling the VMs for their workload classes (a second per host).
+    #[arg(long)]
+    pub no_classes: bool,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,

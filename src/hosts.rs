@@ -43,6 +43,8 @@ pub struct VmCheck {
     pub run_state: Option<String>,
     pub ram_bytes: Option<u64>,
     pub migration: Option<String>,
+    /// Workload classes from one `stats` round on the VM's host, each with its evidence.
+    pub classes: Vec<crate::classify::Label>,
     pub groups: Vec<String>,
     pub anti_affinity: Vec<String>,
     /// What is wrong with this VM (unreachable socket, not QEMU), if anything.
@@ -61,6 +63,8 @@ pub struct HostCheck {
     pub reachable: bool,
     /// What is wrong with this host, if anything.
     pub error: Option<String>,
+    /// Why the VMs of this host have no classes, if they have none.
+    pub classes_note: Option<String>,
     pub vms: Vec<VmCheck>,
 }
 
@@ -100,14 +104,14 @@ impl CheckReport {
         let _ = writeln!(s);
         let _ = writeln!(
             s,
-            "{:<16} {:<10} {:<8} {:>10} {:<12} {:<10}  SOCKET",
-            "VM", "HOST", "QEMU", "RAM", "STATE", "MIGRATION"
+            "{:<16} {:<10} {:<8} {:>10} {:<12} {:<10} {:<20}  SOCKET",
+            "VM", "HOST", "QEMU", "RAM", "STATE", "MIGRATION", "CLASSES"
         );
         for h in &self.hosts {
             for v in &h.vms {
                 let _ = writeln!(
                     s,
-                    "{:<16} {:<10} {:<8} {:>10} {:<12} {:<10}  {}{}",
+                    "{:<16} {:<10} {:<8} {:>10} {:<12} {:<10} {:<20}  {}{}",
                     v.name,
                     v.host,
                     v.qemu_version.as_deref().unwrap_or("-"),
@@ -115,12 +119,18 @@ impl CheckReport {
                         .map_or("-".into(), |b| bytesize::ByteSize(b).to_string_as(true)),
                     v.run_state.as_deref().unwrap_or("-"),
                     v.migration.as_deref().unwrap_or("-"),
+                    classes_cell(&v.classes),
                     v.socket,
                     v.error
                         .as_ref()
                         .map(|e| format!("  ERROR: {e}"))
                         .unwrap_or_default()
                 );
+            }
+        }
+        for h in &self.hosts {
+            if let Some(n) = &h.classes_note {
+                let _ = writeln!(s, "host {}: {n}", h.name);
             }
         }
         if self.problems.is_empty() {
@@ -133,6 +143,17 @@ impl CheckReport {
         }
         s
     }
+}
+
+fn classes_cell(labels: &[crate::classify::Label]) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    labels
+        .iter()
+        .map(|l| l.class.name())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn si(v: f64) -> String {
@@ -181,6 +202,7 @@ async fn check_vm(
         run_state: None,
         ram_bytes: None,
         migration: None,
+        classes: Vec::new(),
         groups: Vec::new(),
         anti_affinity: Vec::new(),
         error: None,
@@ -237,10 +259,13 @@ pub async fn query_name(q: &Qmp) -> Option<String> {
         .and_then(|v| v.get("name").and_then(|n| n.as_str()).map(str::to_string))
 }
 
-/// Reaches every host and VM of the inventory, all hosts at once.
-pub async fn check(inv: &Inventory, opts: &ConnectOptions) -> CheckReport {
+/// Reaches every host and VM of the inventory, all hosts at once; with `classes`, each host's VMs are also
+/// sampled once and classified.
+pub async fn check(inv: &Inventory, opts: &ConnectOptions, classes: bool) -> CheckReport {
     let links = crate::remote::links(inv);
-    let tasks = links.iter().map(|link| check_host(inv, link, opts));
+    let tasks = links
+        .iter()
+        .map(|link| check_host(inv, link, opts, classes));
     let hosts = futures_util::future::join_all(tasks).await;
     let mut problems = Vec::new();
     let mut seen: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
@@ -283,7 +308,12 @@ pub async fn check(inv: &Inventory, opts: &ConnectOptions) -> CheckReport {
     }
 }
 
-async fn check_host(inv: &Inventory, link: &Arc<HostLink>, opts: &ConnectOptions) -> HostCheck {
+async fn check_host(
+    inv: &Inventory,
+    link: &Arc<HostLink>,
+    opts: &ConnectOptions,
+    classes: bool,
+) -> HostCheck {
     let h = &link.host;
     let mut out = HostCheck {
         name: h.name.clone(),
@@ -297,6 +327,7 @@ async fn check_host(inv: &Inventory, link: &Arc<HostLink>, opts: &ConnectOptions
         nic_bytes_per_s: h.capacity.nic_bytes_per_s,
         reachable: false,
         error: None,
+        classes_note: None,
         vms: Vec::new(),
     };
     if let Err(e) = link.ping().await {
@@ -313,7 +344,80 @@ async fn check_host(inv: &Inventory, link: &Arc<HostLink>, opts: &ConnectOptions
             }
         }
     }
+    if classes {
+        let live: Vec<String> = out
+            .vms
+            .iter()
+            .filter(|v| v.error.is_none())
+            .map(|v| v.socket.clone())
+            .collect();
+        if !live.is_empty() {
+            match classes_on(link, &live).await {
+                Ok(mut found) => {
+                    for v in &mut out.vms {
+                        v.classes = found.remove(&v.socket).unwrap_or_default();
+                    }
+                }
+                Err(note) => out.classes_note = Some(note),
+            }
+        }
+    }
     out
+}
+
+/// How long the `stats` round behind the classes samples.
+const CLASSES_INTERVAL: &str = "1s";
+
+/// The classes of a host's VMs, from one `stats` round taken on that host (CPU and NIC figures come from its
+/// `/proc`): in this process for a local host; for an ssh host, by this same qmigrate executable run there over
+/// ssh, when it is installed at the same path (else a note says so).
+async fn classes_on(
+    link: &HostLink,
+    sockets: &[String],
+) -> Result<BTreeMap<String, Vec<crate::classify::Label>>, String> {
+    let snapshot = if link.is_local() {
+        let interval = humantime::parse_duration(CLASSES_INTERVAL).expect("a duration");
+        let snap =
+            crate::stats::sample_round(sockets, &crate::stats::SampleOptions::new(interval)).await;
+        serde_json::to_value(&snap).map_err(|e| e.to_string())?
+    } else {
+        let exe = std::env::current_exe()
+            .map_err(|e| format!("classes: cannot tell qmigrate's own path: {e}"))?;
+        let exe = exe.display().to_string();
+        let mut argv = vec![
+            exe.as_str(),
+            "stats",
+            "--json",
+            "--interval",
+            CLASSES_INTERVAL,
+        ];
+        argv.extend(sockets.iter().map(String::as_str));
+        match link.run(&argv, crate::remote::COMMAND_TIMEOUT).await {
+            Ok(out) => serde_json::from_slice(&out.stdout).map_err(|e| {
+                format!(
+                    "classes: `qmigrate stats` on {} printed no report: {e}",
+                    link.name()
+                )
+            })?,
+            Err(HostError::Command { status, .. }) if status == "exit 127" => {
+                return Err(format!(
+                    "classes need qmigrate on {} at {exe} (the same path as here)",
+                    link.name()
+                ))
+            }
+            Err(e) => return Err(format!("classes: {}", crate::stats::error_chain(&e))),
+        }
+    };
+    let mut out = BTreeMap::new();
+    for vm in snapshot["vms"].as_array().into_iter().flatten() {
+        let (Some(socket), Some(classes)) = (vm["socket"].as_str(), vm.get("classes")) else {
+            continue;
+        };
+        let labels: Vec<crate::classify::Label> =
+            serde_json::from_value(classes.clone()).unwrap_or_default();
+        out.insert(socket.to_string(), labels);
+    }
+    Ok(out)
 }
 
 /// A VM found by name: its host and socket.
@@ -354,7 +458,7 @@ pub async fn find(
     let mut found = Vec::new();
     let mut broken = Vec::new();
     for link in candidates {
-        let host = check_host(inv, link, opts).await;
+        let host = check_host(inv, link, opts, false).await;
         if let Some(e) = host.error {
             // A host that cannot be searched might hold the VM: say so rather than "not found".
             return Err(FindError::Host(HostError::Invalid {

@@ -280,7 +280,12 @@ async fn inventory_check(a: &cli::InventoryCheckArgs) -> Exit {
         Ok(i) => i,
         Err(e) => return fail(&anyhow::Error::new(e), Exit::Usage),
     };
-    let report = qmigrate::hosts::check(&inv, &qmigrate::qmp::ConnectOptions::default()).await;
+    let report = qmigrate::hosts::check(
+        &inv,
+        &qmigrate::qmp::ConnectOptions::default(),
+        !a.no_classes,
+    )
+    .await;
     if a.json {
         match serde_json::to_string_pretty(&report) {
             Ok(s) => println!("{s}"),

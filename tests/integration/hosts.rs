@@ -187,6 +187,9 @@ async fn inventory_check_lists_every_host_and_vm_over_ssh() {
             "{h:#}"
         );
         assert_eq!(vms[0]["ram_bytes"], 256u64 << 20, "{h:#}");
+        // Classified by a stats round taken on the VM's own host (qmigrate run there over ssh).
+        assert_eq!(vms[0]["classes"][0]["class"], "idle", "{h:#}");
+        assert!(h["classes_note"].is_null(), "{h:#}");
     }
     assert_eq!(hosts[1]["vms"][0]["socket"], nasty.display().to_string());
     assert!(
