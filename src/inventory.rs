@@ -47,6 +47,13 @@ pub enum Transport {
 pub enum DestinationStart {
     /// The source's command line with every host-local path rewritten (`launch::mirror_destination`).
     Mirror,
+    /// A QEMU arguments template (`qemu-configs/*.args` format, read on the machine qmigrate runs on; a relative
+    /// path is relative to the inventory file) with its placeholders: `{name}`, `{qmp}`, `{runtime_dir}` and
+    /// `{memory_mib}` from the VM, the others from `vars` (the host's, overridden by the VM entry's).
+    Template {
+        path: PathBuf,
+        vars: BTreeMap<String, String>,
+    },
 }
 
 /// What a host can take.
@@ -78,6 +85,8 @@ pub struct VmEntry {
     pub qmp: Option<String>,
     pub groups: Vec<String>,
     pub anti_affinity: Vec<String>,
+    /// Values for a template destination's placeholders, over the host's.
+    pub vars: BTreeMap<String, String>,
 }
 
 /// How the ssh client is run for every ssh host.
@@ -189,16 +198,28 @@ impl Inventory {
                     )
                 })?;
             }
-            let destination = match h.destination.as_ref().map(|d| d.get_ref().as_str()) {
-                None | Some("mirror") => DestinationStart::Mirror,
-                Some(other) => {
+            let destination = match h.destination.as_ref().map(|d| (d.get_ref(), d.span())) {
+                None => DestinationStart::Mirror,
+                Some((RawDestination::Name(n), _)) if n == "mirror" => DestinationStart::Mirror,
+                Some((RawDestination::Name(other), span)) => {
                     return Err(invalid(
-                        h.destination.as_ref().map(|d| d.span()),
+                        Some(span),
                         format!(
-                            "{} {other:?}: only \"mirror\" is supported",
+                            "{} {other:?}: use \"mirror\" or {{ template = \"FILE.args\", vars = {{ .. }} }}",
                             key("destination")
                         ),
                     ))
+                }
+                Some((RawDestination::Template(RawTemplate { template, vars }), _)) => {
+                    let file = PathBuf::from(template);
+                    let file = match (file.is_relative(), path.parent()) {
+                        (true, Some(dir)) => dir.join(file),
+                        _ => file,
+                    };
+                    DestinationStart::Template {
+                        path: file,
+                        vars: vars.clone(),
+                    }
                 }
             };
             let address = h.migration_address.get_ref().trim();
@@ -279,6 +300,7 @@ impl Inventory {
                     qmp: v.qmp,
                     groups: v.groups,
                     anti_affinity: v.anti_affinity,
+                    vars: v.vars,
                 },
             );
         }
@@ -403,10 +425,28 @@ struct RawHost {
     qmp: Option<Spanned<String>>,
     runtime_dir: String,
     migration_address: Spanned<String>,
-    destination: Option<Spanned<String>>,
+    destination: Option<Spanned<RawDestination>>,
     qemu: Option<String>,
     tls_dir: Option<String>,
     capacity: Option<RawCapacity>,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "\"mirror\" or { template = \"FILE.args\", vars = { .. } }"
+)]
+enum RawDestination {
+    Name(String),
+    Template(RawTemplate),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTemplate {
+    template: String,
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize)]
@@ -426,6 +466,8 @@ struct RawVm {
     groups: Vec<String>,
     #[serde(default)]
     anti_affinity: Vec<String>,
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
 }
 
 #[cfg(test)]
@@ -475,6 +517,39 @@ groups = ["shop"]
             .unwrap_err()
             .to_string()
             .contains("h1, here"));
+    }
+
+    #[test]
+    fn a_template_destination_is_found_beside_the_inventory() {
+        let text = GOOD.replacen(
+            "migration_address = \"10.77.0.11\"",
+            "migration_address = \"10.77.0.11\"\ndestination = { template = \"vm.args\", vars = { accel = \"tcg\" } }",
+            1,
+        );
+        let inv = Inventory::parse(Path::new("/etc/q/inv.toml"), &text).unwrap();
+        assert_eq!(
+            inv.hosts["h1"].destination,
+            DestinationStart::Template {
+                path: PathBuf::from("/etc/q/vm.args"),
+                vars: [("accel".to_string(), "tcg".to_string())].into(),
+            }
+        );
+        assert_eq!(inv.hosts["here"].destination, DestinationStart::Mirror);
+        for bad in [
+            "destination = \"copy\"",
+            "destination = { templat = \"vm.args\" }",
+        ] {
+            let text = GOOD.replacen(
+                "runtime_dir = \"/tmp/tb/h1/run\"",
+                &format!("runtime_dir = \"/tmp/tb/h1/run\"\n{bad}"),
+                1,
+            );
+            let msg = Inventory::parse(Path::new("inv.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(msg.starts_with("inventory inv.toml:10:"), "{bad}: {msg}");
+            assert!(msg.contains("mirror"), "{bad}: {msg}");
+        }
     }
 
     #[test]

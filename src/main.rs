@@ -323,7 +323,18 @@ async fn inventory_request(
         ));
     }
     let link = std::sync::Arc::new(qmigrate::remote::HostLink::new(target, inv.ssh.clone()));
-    let mut req = MigrationRequest::new(&found.socket, Destination::Host { link, tls: a.tls });
+    let mut req = MigrationRequest::new(
+        &found.socket,
+        Destination::Host {
+            link,
+            tls: a.tls,
+            vars: inv
+                .vms
+                .get(&found.name)
+                .map(|e| e.vars.clone())
+                .unwrap_or_default(),
+        },
+    );
     req.source_host = Some(found.link.clone());
     req.vm_name = Some(found.name.clone());
     req.uri = a.uri.clone();

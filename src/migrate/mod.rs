@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::exit::Exit;
+use crate::inventory::DestinationStart;
 use crate::launch::{self, LaunchError, QemuProcess};
 use crate::lock::{LockError, VmLock};
 use crate::predict::{self, PrecopyInput};
@@ -45,7 +46,12 @@ pub enum Destination {
     /// Start one on a host of the inventory by mirroring the source's command line (its QMP socket in the host's
     /// runtime directory, named after the VM); the stream goes over TCP, or TLS with `tls`, to the host's
     /// migration address. The source's QEMU is ended once the guest runs there.
-    Host { link: Arc<HostLink>, tls: bool },
+    Host {
+        link: Arc<HostLink>,
+        tls: bool,
+        /// The VM entry's values for a template destination's placeholders (over the host's).
+        vars: std::collections::BTreeMap<String, String>,
+    },
 }
 
 /// What to do with a migration that is already under way on the source.
@@ -1749,17 +1755,57 @@ fn link_bound(req: &MigrationRequest) -> u64 {
     }
 }
 
+/// The VM's name on a host: the one asked for, else its socket's file name.
+fn host_vm_name(req: &MigrationRequest) -> String {
+    req.vm_name.clone().unwrap_or_else(|| {
+        let file = req.source.rsplit('/').next().unwrap_or(&req.source);
+        file.strip_suffix(".qmp").unwrap_or(file).to_string()
+    })
+}
+
 /// Where a destination's QMP socket goes on a host: its runtime directory, named after the VM.
 fn host_qmp_path(req: &MigrationRequest, link: &HostLink) -> String {
-    let name = req
-        .vm_name
-        .clone()
-        .unwrap_or_else(|| {
-            let file = req.source.rsplit('/').next().unwrap_or(&req.source);
-            file.strip_suffix(".qmp").unwrap_or(file).to_string()
-        })
-        .replace('/', "_");
+    let name = host_vm_name(req).replace('/', "_");
     format!("{}/{name}.qmp", link.host.runtime_dir.display())
+}
+
+/// A template destination's arguments: the template's placeholders filled from the VM (`{name}`, `{qmp}`,
+/// `{runtime_dir}`, `{memory_mib}`) and the vars (the VM entry's over the host's; a var's value may itself use the
+/// VM's four), `-incoming defer` appended.
+fn template_args(
+    path: &std::path::Path,
+    host_vars: &std::collections::BTreeMap<String, String>,
+    vm_vars: &std::collections::BTreeMap<String, String>,
+    name: &str,
+    qmp: &str,
+    link: &HostLink,
+    ram_bytes: u64,
+) -> Result<Vec<String>, MigrateError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        MigrateError::Launch(LaunchError::Template {
+            name: shown.clone(),
+            reason: format!("cannot read it: {e}"),
+        })
+    })?;
+    let own = [
+        ("name", name.to_string()),
+        ("qmp", qmp.to_string()),
+        ("runtime_dir", link.host.runtime_dir.display().to_string()),
+        ("memory_mib", (ram_bytes >> 20).to_string()),
+    ];
+    let mut vars: Vec<(&str, String)> = own.to_vec();
+    let mut merged = host_vars.clone();
+    merged.extend(vm_vars.clone());
+    for (k, v) in &merged {
+        let v = own
+            .iter()
+            .fold(v.clone(), |v, (ok, ov)| v.replace(&format!("{{{ok}}}"), ov));
+        vars.push((k.as_str(), v));
+    }
+    let mut args = launch::expand_template(&shown, &text, &vars).map_err(MigrateError::Launch)?;
+    args.extend(["-incoming".to_string(), "defer".to_string()]);
+    Ok(args)
 }
 
 /// Starts the destination on another host: the source's command line read from its host's `/proc` (the QEMU
@@ -1793,11 +1839,37 @@ async fn launch_on_host(
         .await
         .map_err(MigrateError::Source)?;
     let dst_socket = host_qmp_path(req, link);
-    let mirrored = launch::mirror_destination(&process.args, &req.source, &dst_socket, link.name())
-        .map_err(|e| MigrateError::Launch(LaunchError::Mirror(e)))?;
-    for (old, new) in &mirrored.rewritten {
-        debug!(host = %link.name(), "mirror: {old} -> {new}");
-    }
+    let args = match &link.host.destination {
+        DestinationStart::Mirror => {
+            let mirrored =
+                launch::mirror_destination(&process.args, &req.source, &dst_socket, link.name())
+                    .map_err(|e| MigrateError::Launch(LaunchError::Mirror(e)))?;
+            for (old, new) in &mirrored.rewritten {
+                debug!(host = %link.name(), "mirror: {old} -> {new}");
+            }
+            mirrored.args
+        }
+        DestinationStart::Template { path, vars } => {
+            let ram_bytes = src
+                .execute(&qmp::query_memory_size_summary {})
+                .await
+                .map(|m| m.base_memory.saturating_add(m.plugged_memory.unwrap_or(0)))
+                .map_err(MigrateError::Source)?;
+            let vm_vars = match &req.destination {
+                Destination::Host { vars, .. } => vars.clone(),
+                _ => Default::default(),
+            };
+            template_args(
+                path,
+                vars,
+                &vm_vars,
+                &host_vm_name(req),
+                &dst_socket,
+                link,
+                ram_bytes,
+            )?
+        }
+    };
     link.make_dir(&link.host.runtime_dir.display().to_string())
         .await?;
     let log = format!("{dst_socket}.log");
@@ -1810,7 +1882,7 @@ async fn launch_on_host(
     let run_as = (process.uid != process.our_uid).then_some((process.uid, process.gid));
     info!(host = %link.name(), qmp = %dst_socket, "launching the destination QEMU");
     let pid = link
-        .spawn_detached(&process.cwd, &log, run_as, &exe, &mirrored.args)
+        .spawn_detached(&process.cwd, &log, run_as, &exe, &args)
         .await?;
     if let Err(e) = link
         .wait_for_socket(pid, &dst_socket, &log, Duration::from_secs(15))
@@ -1895,5 +1967,93 @@ async fn final_state(src: &Qmp, dst: &Qmp, completed: bool, guest_shutdown: bool
         destination,
         guest_shutdown,
         running_copies,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inventory::{Capacity, Host, SshSettings, Transport};
+
+    fn link() -> HostLink {
+        HostLink::new(
+            Host {
+                name: "b".into(),
+                transport: Transport::Local,
+                qmp_glob: None,
+                runtime_dir: PathBuf::from("/run/q"),
+                migration_address: "10.0.0.2".into(),
+                destination: DestinationStart::Mirror,
+                qemu: None,
+                tls_dir: None,
+                capacity: Capacity::default(),
+            },
+            SshSettings::default(),
+        )
+    }
+
+    #[test]
+    fn a_template_is_filled_from_the_vm_then_the_vars() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.args");
+        std::fs::write(
+            &path,
+            "-name {name}\n-m {memory_mib}\n-qmp unix:{qmp},server=on,wait=off\n-serial file:{log}\n-accel {accel}\n",
+        )
+        .unwrap();
+        let host: std::collections::BTreeMap<String, String> = [
+            ("accel".to_string(), "kvm".to_string()),
+            ("log".to_string(), "{runtime_dir}/{name}.log".to_string()),
+        ]
+        .into();
+        let vm = [("accel".to_string(), "tcg".to_string())].into();
+        let args = template_args(
+            &path,
+            &host,
+            &vm,
+            "web 1",
+            "/run/q/web 1.qmp",
+            &link(),
+            256 << 20,
+        )
+        .unwrap();
+        assert_eq!(
+            args,
+            [
+                "-name",
+                "web 1",
+                "-m",
+                "256",
+                "-qmp",
+                "unix:/run/q/web 1.qmp,server=on,wait=off",
+                "-serial",
+                "file:/run/q/web 1.log",
+                "-accel",
+                "tcg",
+                "-incoming",
+                "defer"
+            ]
+        );
+        // A placeholder nobody fills, and a template that is not there, are named.
+        let empty = Default::default();
+        let e = template_args(&path, &empty, &empty, "w", "/q", &link(), 1 << 30).unwrap_err();
+        assert!(format!("{:#}", anyhow::Error::new(e)).contains("{log}"));
+        let e = template_args(
+            &dir.path().join("none.args"),
+            &host,
+            &vm,
+            "w",
+            "/q",
+            &link(),
+            1 << 30,
+        )
+        .unwrap_err();
+        assert!(format!("{:#}", anyhow::Error::new(e)).contains("none.args"));
+    }
+
+    #[test]
+    fn tcp_uris_bracket_ipv6() {
+        assert_eq!(tcp_uri("10.0.0.2", 4444), "tcp:10.0.0.2:4444");
+        assert_eq!(tcp_uri("fd00::2", 4444), "tcp:[fd00::2]:4444");
     }
 }

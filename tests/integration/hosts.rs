@@ -594,3 +594,53 @@ async fn broken_sessions_and_a_link_down_mid_migration_still_move_the_guest_once
     assert_eq!(run_state(&on_h2).await, "running");
     assert_eq!(run_state_or_gone(&monitor).await, "gone");
 }
+
+/// A host whose destinations start from a template (`qemu-configs/guest.args`) instead of the source's command
+/// line: the VM's own placeholders filled by qmigrate, the rest from the inventory's vars.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_starts_from_a_template_of_qemu_configs() {
+    let tb = testbed_up("qmh5", "10.85.0", "400mbit");
+    let mut bed = Bed::new();
+    let on_h1 = guest_on(&mut bed, &tb, "h1", "tmpl", "dirty:16:2").await;
+    let text = std::fs::read_to_string(inventory(&tb)).unwrap();
+    let (h1, h2) = text.split_once("[hosts.h2]").unwrap();
+    let template = format!(
+        "destination = {{ template = \"{}\", vars = {{ accel = \"tcg\", guest_dir = \"{}\", \
+         kernel_extra = \"ticks=200\", serial_log = \"{{runtime_dir}}/{{name}}.serial.log\" }} }}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/qemu-configs/guest.args"),
+        crate::harness::guest_dir().display()
+    );
+    let inv = tb.dir.join("template.toml");
+    std::fs::write(
+        &inv,
+        format!(
+            "{h1}[hosts.h2]{}\n[vms.tmpl]\nhost = \"h1\"\nvars = {{ workload = \"dirty:16:2\" }}\n",
+            h2.replacen("destination = \"mirror\"", &template, 1)
+        ),
+    )
+    .unwrap();
+    let inv = inv.display().to_string();
+    let run = qmigrate(
+        &[
+            "migrate",
+            "tmpl",
+            "--inventory",
+            &inv,
+            "--to-host",
+            "h2",
+            "--json",
+        ],
+        MIGRATE_LIMIT,
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.json()["outcome"], "completed", "{run:?}");
+    let on_h2 = run_dir(&tb, "h2").join("tmpl.qmp");
+    assert_eq!(run_state(&on_h2).await, "running");
+    assert_eq!(run_state_or_gone(&on_h1).await, "gone");
+    // The template's serial log, on h2, goes on counting from the source's ticks.
+    let before = last_tick(&run_dir(&tb, "h1").join("tmpl.serial.log")).expect("ticks on h1");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = last_tick(&run_dir(&tb, "h2").join("tmpl.serial.log")).expect("ticks on h2");
+    assert!(after > before, "tick {after} on h2 after {before} on h1");
+}
