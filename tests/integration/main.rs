@@ -6,6 +6,7 @@ mod exactly_once;
 mod guest;
 mod harness;
 mod hosts;
+mod hosts_net;
 mod migrate;
 mod qmp;
 mod stats;
