@@ -23,6 +23,8 @@ pub enum FindError {
         inventory: String,
         found: String,
     },
+    #[error("VM {name:?} is already on host {host}")]
+    AlreadyThere { name: String, host: String },
     #[error("VM {name:?} does not answer: {sockets}")]
     Unanswered { name: String, sockets: String },
     #[error("VM {name:?} is on more than one host: {where_}")]
@@ -428,37 +430,23 @@ pub struct Located {
     pub socket: String,
 }
 
-/// Finds a VM by name: an entry with a socket directly; otherwise the hosts are searched (the entry's host, or
-/// all of them) and each VM named as `inventory check` names it.
+/// Finds a VM by name on every host at once (each host's glob and the inventory's explicit sockets; a VM may
+/// have moved away from the host its entry names). `exclude` is the socket a migration to another host would give
+/// the VM there (`host`, `socket`): a QEMU qmigrate started there is the migration's destination, not the VM.
 pub async fn find(
     inv: &Inventory,
     name: &str,
     opts: &ConnectOptions,
+    exclude: Option<(&str, &str)>,
 ) -> Result<Located, FindError> {
     let links = crate::remote::links(inv);
-    if let Some(e) = inv.vms.get(name) {
-        let link = links
-            .iter()
-            .find(|l| l.host.name == e.host)
-            .expect("validated host")
-            .clone();
-        if let Some(q) = &e.qmp {
-            return Ok(Located {
-                name: name.into(),
-                link,
-                socket: q.clone(),
-            });
-        }
-    }
-    let candidates: Vec<&Arc<HostLink>> = match inv.vms.get(name) {
-        Some(e) => links.iter().filter(|l| l.host.name == e.host).collect(),
-        None => links.iter().collect(),
-    };
+    let hosts =
+        futures_util::future::join_all(links.iter().map(|l| check_host(inv, l, opts, false))).await;
     let mut hits = Vec::new();
     let mut found = Vec::new();
     let mut broken = Vec::new();
-    for link in candidates {
-        let host = check_host(inv, link, opts, false).await;
+    let mut excluded = None;
+    for (link, host) in links.iter().zip(hosts) {
         if let Some(e) = host.error {
             // A host that cannot be searched might hold the VM: say so rather than "not found".
             return Err(FindError::Host(HostError::Invalid {
@@ -467,27 +455,28 @@ pub async fn find(
             }));
         }
         for v in host.vms {
-            if v.name == name && v.error.is_some() {
+            if v.name != name {
+                found.push(format!("{} on {}", v.name, v.host));
+            } else if exclude == Some((v.host.as_str(), v.socket.as_str())) {
+                excluded = Some(v.host);
+            } else if let Some(e) = v.error {
                 // A socket nobody answers on (a QEMU that died) is no VM; it is named if nothing else matches.
-                broken.push(format!(
-                    "{}:{}: {}",
-                    v.host,
-                    v.socket,
-                    v.error.unwrap_or_default()
-                ));
-            } else if v.name == name {
+                broken.push(format!("{}:{}: {e}", v.host, v.socket));
+            } else {
                 hits.push(Located {
                     name: name.into(),
                     link: link.clone(),
                     socket: v.socket,
                 });
-            } else {
-                found.push(format!("{} on {}", v.name, v.host));
             }
         }
     }
     match hits.len() {
         1 => Ok(hits.remove(0)),
+        0 if excluded.is_some() => Err(FindError::AlreadyThere {
+            name: name.into(),
+            host: excluded.unwrap_or_default(),
+        }),
         0 if !broken.is_empty() => Err(FindError::Unanswered {
             name: name.into(),
             sockets: broken.join("; "),

@@ -313,9 +313,22 @@ async fn inventory_request(
     };
     let inv = qmigrate::inventory::Inventory::load(file).map_err(|e| usage(e.into()))?;
     let target = inv.host(to_host).map_err(|e| usage(e.into()))?.clone();
-    let found = qmigrate::hosts::find(&inv, vm, &qmigrate::qmp::ConnectOptions::default())
-        .await
-        .map_err(|e| (e.into(), Exit::Endpoint))?;
+    // The socket a destination for this VM gets on the target host: a QEMU there is the migration's, not the VM.
+    let would_be = qmigrate::migrate::host_qmp_path(&target, vm);
+    let found = qmigrate::hosts::find(
+        &inv,
+        vm,
+        &qmigrate::qmp::ConnectOptions::default(),
+        Some((&target.name, &would_be)),
+    )
+    .await
+    .map_err(|e| {
+        let code = match e {
+            qmigrate::hosts::FindError::AlreadyThere { .. } => Exit::State,
+            _ => Exit::Endpoint,
+        };
+        (e.into(), code)
+    })?;
     if found.link.host.name == target.name {
         return Err((
             anyhow::anyhow!("VM {vm:?} is already on host {}", target.name),

@@ -353,7 +353,7 @@ pub async fn migrate(
                 Some(Launched::Remote {
                     link: link.clone(),
                     pid,
-                    socket: host_qmp_path(req, link),
+                    socket: host_qmp_path_of(req, link),
                 }),
             )
         }
@@ -506,7 +506,7 @@ async fn adopt(
                 .map_err(MigrateError::Destination)?
         }
         Destination::Host { link, .. } => {
-            link.connect_qmp(&host_qmp_path(req, link), &dst_connect)
+            link.connect_qmp(&host_qmp_path_of(req, link), &dst_connect)
                 .await?
         }
     };
@@ -1764,9 +1764,18 @@ fn host_vm_name(req: &MigrationRequest) -> String {
 }
 
 /// Where a destination's QMP socket goes on a host: its runtime directory, named after the VM.
-fn host_qmp_path(req: &MigrationRequest, link: &HostLink) -> String {
-    let name = host_vm_name(req).replace('/', "_");
-    format!("{}/{name}.qmp", link.host.runtime_dir.display())
+fn host_qmp_path_of(req: &MigrationRequest, link: &HostLink) -> String {
+    host_qmp_path(&link.host, &host_vm_name(req))
+}
+
+/// Where the destination of VM `name` gets its QMP socket on `host`: `RUNTIME_DIR/NAME.qmp` (a `/` in the name
+/// becomes `_`).
+pub fn host_qmp_path(host: &crate::inventory::Host, name: &str) -> String {
+    format!(
+        "{}/{}.qmp",
+        host.runtime_dir.display(),
+        name.replace('/', "_")
+    )
 }
 
 /// A template destination's arguments: the template's placeholders filled from the VM (`{name}`, `{qmp}`,
@@ -1838,7 +1847,7 @@ async fn launch_on_host(
     src.execute(&qmp::query_version {})
         .await
         .map_err(MigrateError::Source)?;
-    let dst_socket = host_qmp_path(req, link);
+    let dst_socket = host_qmp_path_of(req, link);
     let args = match &link.host.destination {
         DestinationStart::Mirror => {
             let mirrored =

@@ -644,3 +644,63 @@ async fn a_destination_starts_from_a_template_of_qemu_configs() {
     let after = last_tick(&run_dir(&tb, "h2").join("tmpl.serial.log")).expect("ticks on h2");
     assert!(after > before, "tick {after} on h2 after {before} on h1");
 }
+
+/// qmigrate itself killed mid-migration between hosts: both QEMUs live on; a second run with `--adopt` finds the
+/// VM by name (the QEMU it had started on h2 is its destination, not a second copy) and finishes the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qmigrate_killed_mid_migration_between_hosts_is_adopted_by_name() {
+    let tb = testbed_up("qmh6", "10.87.0", "100mbit");
+    let mut bed = Bed::new();
+    let dir = run_dir(&tb, "h1");
+    let wrapper = vec![
+        concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").to_string(),
+        "exec".into(),
+        "h1".into(),
+        "--name".into(),
+        tb.name.into(),
+        "--dir".into(),
+        tb.dir.display().to_string(),
+        "--".into(),
+    ];
+    let mut monitor = PathBuf::new();
+    bed.source_with("adoptee", "dirty:64:2", |spec| {
+        spec.run_dir = dir;
+        spec.wrapper = wrapper;
+        monitor = crate::harness::second_monitor(spec);
+    })
+    .await;
+    let inv = inventory(&tb);
+    let args = [
+        "migrate",
+        "adoptee",
+        "--inventory",
+        &inv,
+        "--to-host",
+        "h2",
+        "--json",
+    ];
+    let mut child = crate::harness::qmigrate_cmd(&args).spawn().unwrap();
+    crate::harness::wait_migration_status(&monitor, "active", Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+    // Killed, not stopped: the migration goes on without it.
+    assert_eq!(crate::harness::migration_status(&monitor).await, "active");
+
+    // Without --adopt, a second run refuses and says how to go on.
+    let run = qmigrate(&args, MIGRATE_LIMIT).await;
+    assert_eq!(run.code, 4, "{run:?}");
+    assert!(run.stderr.contains("--adopt"), "{run:?}");
+
+    let mut adopt = args.to_vec();
+    adopt.push("--adopt");
+    let run = qmigrate(&adopt, MIGRATE_LIMIT).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "completed", "{r:#}");
+    assert_eq!(r["adopted"], true, "{r:#}");
+    assert_eq!(r["final_state"]["running_copies"], 1, "{r:#}");
+    let on_h2 = run_dir(&tb, "h2").join("adoptee.qmp");
+    assert_eq!(run_state(&on_h2).await, "running");
+    assert_eq!(run_state_or_gone(&monitor).await, "gone");
+}
