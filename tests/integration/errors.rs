@@ -249,3 +249,39 @@ async fn recover_and_cancel_without_a_migration() {
     assert_eq!(run_state(&src).await, "running");
     assert_eq!(run_state(&dst).await, "inmigrate");
 }
+
+/// The documented install commands for completions and man pages work from the binary.
+#[tokio::test]
+async fn completions_and_man_pages_come_from_the_binary() {
+    for shell in ["bash", "zsh", "fish"] {
+        let run = qmigrate(&["completions", shell], LIMIT).await;
+        assert_eq!(run.code, 0, "{run:?}");
+        for sub in ["migrate", "inventory", "serve", "recover"] {
+            assert!(run.stdout.contains(sub), "{shell}: no {sub}");
+        }
+    }
+    let run = qmigrate(&["completions", "tcsh"], LIMIT).await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains("tcsh"), "{run:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("man1");
+    let run = qmigrate(&["man", "--out", out.to_str().unwrap()], LIMIT).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    for page in [
+        "qmigrate.1",
+        "qmigrate-migrate.1",
+        "qmigrate-inventory-check.1",
+    ] {
+        let text =
+            std::fs::read_to_string(out.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text:.200}"
+        );
+    }
+    let migrate = std::fs::read_to_string(out.join("qmigrate-migrate.1")).unwrap();
+    assert!(
+        migrate.contains("to\\-host") && migrate.contains("inventory"),
+        "{migrate:.400}"
+    );
+}
