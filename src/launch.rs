@@ -37,6 +37,48 @@
 //!   fails when no argument creates the source's QMP socket, when a new path is one the source uses or is given
 //!   twice, and when a new socket path is too long for a UNIX socket address.
 //!
+//! # A destination on another host
+//!
+//! `migrate --to-host` starts the destination on another host from the source's command line
+//! ([`mirror_to_other_host`]; the tag is that host's name). There the source's ports, tap names and vsock CIDs are
+//! free (another machine, or another network namespace), but files may still be shared (hosts often share storage;
+//! the testbed's share one file system), and what the source reaches on its own host — its loopback, its devices,
+//! its peers — is not there. The rules above hold, except:
+//!
+//! * **Taps are kept as they are**: `-netdev tap,ifname=…` with a `script=`, with the default script or with
+//!   `script=no`, and `-nic`/`-net tap,…`. The destination host makes its own tap of that name (a NIC on a tap is
+//!   the normal case between hosts) and attaches it as the source's was: by the same script, which must exist there
+//!   and attach to a bridge of the same name, or — with `script=no` — not at all: such a tap must be prepared on the
+//!   destination host beforehand, as it was on the source's, and the mirror cannot see whether it is. A fresh tap
+//!   (no `ifname=`) with `script=no` is still refused, and passed descriptors (`fd=`, `vhostfd=`) too.
+//! * **Bridges and switches** (`-netdev bridge,br=`, `vde,sock=`) are kept, as on the same host: the destination
+//!   host needs a bridge of that name (allowed in `qemu-bridge-helper`'s ACL) or a switch at that socket.
+//! * **Listeners on a wildcard or loopback address** (TCP and UDP chardevs with `server=on` or a local port, `-gdb`,
+//!   `-s`, SLIRP `hostfwd=`, `-spice port=`/`tls-port=`, VNC displays and websockets) are kept: the port on another
+//!   host is that host's own, and the service moves with the guest (its clients connect to the new host). Whether a
+//!   process there holds the port cannot be seen from here; then the destination fails to start, its log names the
+//!   port, and the guest stays on the source. A listener bound to any other address (an IP or a host name: one of
+//!   the source's host) is refused, since the destination could not bind it — except a TCP display, which becomes
+//!   `none` as on the same host.
+//! * **The guest's own network link to one peer** is refused even on a wildcard address: `-netdev socket,listen=`
+//!   or with a local UDP port, `-netdev stream,server=on` on TCP, `-netdev dgram` with a local port. The peer
+//!   reaches it at the source host's address and does not reconnect elsewhere, so the guest would lose that network.
+//! * **Clients of the source host's loopback** are refused (`-serial tcp:127.0.0.1:…`,
+//!   `-chardev socket,host=localhost,…`, a UDP chardev's peer, which is `localhost` when not given,
+//!   `-netdev socket,connect=`, `stream`, `dgram` to a loopback address): on another host nothing, or something
+//!   else, listens there. Clients of other addresses are kept.
+//! * **vhost-vsock** is kept: a guest CID is unique per host, and the source holds it on its own host only. Another
+//!   VM with that CID on the destination host makes the destination fail to start, and the guest stays.
+//! * **Still refused**, as on the same host: host devices (`vfio-*`, `usb-host`, `vhost-scsi`, TPM passthrough,
+//!   `input-linux`, host ttys and parallel ports, nodes in /dev) — the device at that path or address on another
+//!   host is different hardware, and the guest's state in it does not migrate; client UNIX sockets (the peer — a
+//!   vhost-user backend, virtiofsd, passt, swtpm — runs on the source's host, and nothing starts one on the other);
+//!   FIFOs; passed file descriptors; `memory-backend-file,share=on` and `snapshot=on` (on shared storage both QEMUs
+//!   would use one file, as on one host); `-readconfig` and `-set`; unknown chardev backends and netdev types.
+//! * **Paths move as on the same host**: the destination's QMP socket is the one asked for, and every other socket
+//!   QEMU creates and file it writes gets the `.<tag>` suffix, since on shared storage both QEMUs would otherwise
+//!   use one file. The checks that no new path is one the source uses hold as well.
+//!
 //! Paths are compared lexically (`.` components and repeated slashes removed); relative paths are relative to
 //! the source's working directory, so start the destination there ([`SpawnOptions::current_dir`]). Values in
 //! QEMU's `key=value,…` syntax escape a comma as `,,`; the mirror reads and writes that escaping, and writes the
@@ -53,7 +95,7 @@ const UNIX_PATH_MAX: usize = 107;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("cannot mirror the source's command line for a destination on this host")]
+    #[error("cannot mirror the source's command line for the destination")]
     Mirror(#[source] MirrorError),
     #[error("cannot read the command line of QEMU pid {pid}")]
     Cmdline {
@@ -476,7 +518,7 @@ pub fn prepare_socket_path(path: &Path) -> Result<(), LaunchError> {
     }
 }
 
-/// A destination's command line mirrored from its source's by [`mirror_destination`].
+/// A destination's command line mirrored from its source's by [`mirror_destination`] or [`mirror_to_other_host`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mirrored {
     /// The destination's arguments (the program excluded), ending in `-incoming defer`.
@@ -487,11 +529,34 @@ pub struct Mirrored {
     pub rewritten: Vec<(String, String)>,
 }
 
-/// Why a source's command line cannot be mirrored onto a destination on the same host.
+/// Where a mirrored destination runs, which decides what of the source's host it may reuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorTarget {
+    /// Beside the source (`--launch-dst`): every host-local resource must be the destination's own.
+    SameHost,
+    /// On another host (`migrate --to-host`): its ports, tap names and vsock CIDs are its own, but files may be on
+    /// shared storage, and the source host's loopback, devices and peers are not there.
+    OtherHost,
+}
+
+impl std::fmt::Display for MirrorTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MirrorTarget::SameHost => "the same host",
+            MirrorTarget::OtherHost => "another host",
+        })
+    }
+}
+
+/// Why a source's command line cannot be mirrored onto a destination.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MirrorError {
-    #[error("cannot mirror `{arg}` onto a destination on the same host: {reason}")]
-    Unsupported { arg: String, reason: String },
+    #[error("cannot mirror `{arg}` onto a destination on {target}: {reason}")]
+    Unsupported {
+        arg: String,
+        reason: String,
+        target: MirrorTarget,
+    },
     #[error("tag {tag:?} cannot name sibling paths: {reason}")]
     Tag { tag: String, reason: &'static str },
     #[error("no argument of the source's command line creates its QMP socket {path}")]
@@ -508,8 +573,44 @@ pub fn mirror_destination(
     destination_qmp: &str,
     tag: &str,
 ) -> Result<Mirrored, MirrorError> {
+    mirror(
+        source_args,
+        source_qmp,
+        destination_qmp,
+        tag,
+        MirrorTarget::SameHost,
+    )
+}
+
+/// PURE: [`mirror_destination`] for a destination on another host (`migrate --to-host`; `tag` is best that
+/// host's name). Paths move as on the same host (hosts may share storage), but taps (named or not), vsock CIDs
+/// and listeners on a wildcard or loopback address are kept; clients of the source host's loopback are refused.
+/// The rules are in the module documentation, "A destination on another host".
+pub fn mirror_to_other_host(
+    source_args: &[String],
+    source_qmp: &str,
+    destination_qmp: &str,
+    tag: &str,
+) -> Result<Mirrored, MirrorError> {
+    mirror(
+        source_args,
+        source_qmp,
+        destination_qmp,
+        tag,
+        MirrorTarget::OtherHost,
+    )
+}
+
+fn mirror(
+    source_args: &[String],
+    source_qmp: &str,
+    destination_qmp: &str,
+    tag: &str,
+    target: MirrorTarget,
+) -> Result<Mirrored, MirrorError> {
     check_tag(tag)?;
     let mut m = Mirror {
+        target,
         source_qmp: normalise(source_qmp),
         destination_qmp,
         tag,
@@ -531,9 +632,10 @@ pub fn mirror_destination(
                 i += 1;
                 continue;
             }
-            "snapshot" => return Err(unsupported(flag_arg, SNAPSHOT)),
-            "s" => {
-                return Err(unsupported(
+            "snapshot" => return Err(m.refuse(flag_arg, SNAPSHOT)),
+            // On another host, -s (-gdb tcp::1234, every address) listens on that host's port: kept.
+            "s" if target == MirrorTarget::SameHost => {
+                return Err(m.refuse(
                     flag_arg,
                     "it is -gdb tcp::1234, a TCP port the source holds",
                 ))
@@ -563,21 +665,11 @@ pub fn mirror_destination(
 
 const SNAPSHOT: &str =
     "snapshot mode keeps the guest's writes in a temporary overlay only the source can see";
-const CLIENT_SOCKET: &str = "QEMU connects to this socket as a client: it belongs to a peer (a vhost-user \
-    backend, virtiofsd, passt, swtpm, …) that usually serves one connection, and a renamed path would not exist";
 const PIPE: &str =
     "a FIFO carries one stream: the destination would take the source's data, and a renamed \
     FIFO would not exist";
-const HOST_DEVICE: &str = "a host device can be held by one process only";
 const PASSED_FD: &str = "it refers to a file descriptor the destination does not inherit";
 const OPAQUE: &str = "the mirror cannot see which host resources it creates";
-
-fn unsupported(arg: &str, reason: impl Into<String>) -> MirrorError {
-    MirrorError::Unsupported {
-        arg: arg.to_string(),
-        reason: reason.into(),
-    }
-}
 
 fn check_tag(tag: &str) -> Result<(), MirrorError> {
     let reason = if tag.is_empty() {
@@ -839,6 +931,7 @@ fn opt_value(text: &str) -> (String, usize) {
 
 /// The state of one mirroring: what moved, to check at the end that nothing moved onto something else.
 struct Mirror<'a> {
+    target: MirrorTarget,
     source_qmp: String,
     destination_qmp: &'a str,
     tag: &'a str,
@@ -849,6 +942,102 @@ struct Mirror<'a> {
 }
 
 impl Mirror<'_> {
+    fn refuse(&self, arg: &str, reason: impl Into<String>) -> MirrorError {
+        MirrorError::Unsupported {
+            arg: arg.to_string(),
+            reason: reason.into(),
+            target: self.target,
+        }
+    }
+
+    fn other_host(&self) -> bool {
+        self.target == MirrorTarget::OtherHost
+    }
+
+    fn host_device(&self) -> &'static str {
+        if self.other_host() {
+            "a host device is the source host's own hardware: the one at that path or address on another host is \
+             different, and the guest's state in it does not migrate"
+        } else {
+            "a host device can be held by one process only"
+        }
+    }
+
+    fn client_socket(&self) -> &'static str {
+        if self.other_host() {
+            "QEMU connects to this socket as a client: its peer (a vhost-user backend, virtiofsd, passt, swtpm, …) \
+             runs on the source's host, and nothing starts one on another host"
+        } else {
+            "QEMU connects to this socket as a client: it belongs to a peer (a vhost-user backend, virtiofsd, passt, \
+             swtpm, …) that usually serves one connection, and a renamed path would not exist"
+        }
+    }
+
+    /// A TCP or UDP listener on `host:port` (`host` empty: every address). On the same host a fixed port is the
+    /// source's. On another host the port is that host's own and the service moves with the guest, unless the
+    /// address is one of the source's host, which the destination could not bind.
+    fn listener(&self, arg: &str, proto: &str, host: &str, port: &str) -> Result<(), MirrorError> {
+        if !is_fixed_port(port) {
+            return Ok(());
+        }
+        let verb = if proto == "UDP" {
+            "binds"
+        } else {
+            "listens on"
+        };
+        if !self.other_host() {
+            return Err(self.refuse(
+                arg,
+                format!("it {verb} {proto} port {port}, which the source holds"),
+            ));
+        }
+        if is_host_address(host) {
+            return Err(self.refuse(
+                arg,
+                format!(
+                    "it {verb} {proto} port {port} of {host}, an address of the source's host that another \
+                     host cannot bind"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A TCP or UDP client of `host` (empty: this host). On another host the source host's loopback is not where
+    /// the peer is; other addresses are reached from there as well.
+    fn client(&self, arg: &str, host: &str) -> Result<(), MirrorError> {
+        if self.other_host() && (host.is_empty() || is_loopback(host)) {
+            let shown = if host.is_empty() { "localhost" } else { host };
+            return Err(self.refuse(
+                arg,
+                format!(
+                    "it connects to {shown}, the source's own host: on another host nothing, or something else, \
+                     listens there"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A listener that carries the guest's network to one peer (`-netdev socket,listen=`, `stream,server=on`, a
+    /// local UDP port): on another host the peer still reaches for the source's host.
+    fn peer_link(&self, arg: &str, port: &str) -> MirrorError {
+        if self.other_host() {
+            self.refuse(
+                arg,
+                format!(
+                    "its peer reaches it at port {port} of the source's host and does not reconnect elsewhere: \
+                     the guest would lose this network"
+                ),
+            )
+        } else {
+            self.refuse(
+                arg,
+                format!("it listens on port {port}, which the source holds"),
+            )
+        }
+    }
+
     /// The destination's value for `-flag value`, or `None` to drop the option.
     fn value(&mut self, flag: &str, value: &str, arg: &str) -> Result<Option<String>, MirrorError> {
         let new = match flag {
@@ -880,19 +1069,19 @@ impl Mirror<'_> {
             },
             "spice" => self.with_opts(arg, value, None, |m, o| m.spice(arg, o))?,
             "netdev" | "nic" | "net" => {
-                self.with_opts(arg, value, Some("type"), |_, o| netdev(arg, o))?
+                self.with_opts(arg, value, Some("type"), |m, o| m.netdev(arg, o))?
             }
-            "device" => self.with_opts(arg, value, Some("driver"), |_, o| device(arg, o))?,
+            "device" => self.with_opts(arg, value, Some("driver"), |m, o| m.device(arg, o))?,
             "object" => self.with_opts(arg, value, Some("qom-type"), |m, o| m.object(arg, o))?,
-            "drive" => self.with_opts(arg, value, None, |_, o| {
+            "drive" => self.with_opts(arg, value, None, |m, o| {
                 if o.get("snapshot").is_some_and(is_on) {
-                    return Err(unsupported(arg, SNAPSHOT));
+                    return Err(m.refuse(arg, SNAPSHOT));
                 }
                 Ok(())
             })?,
-            "tpmdev" => self.with_opts(arg, value, Some("type"), |_, o| {
+            "tpmdev" => self.with_opts(arg, value, Some("type"), |m, o| {
                 if o.get("type") == Some("passthrough") {
-                    return Err(unsupported(arg, HOST_DEVICE));
+                    return Err(m.refuse(arg, m.host_device()));
                 }
                 Ok(())
             })?,
@@ -905,8 +1094,8 @@ impl Mirror<'_> {
                 }
                 Ok(())
             })?,
-            "readconfig" | "set" => return Err(unsupported(arg, OPAQUE)),
-            "add-fd" => return Err(unsupported(arg, PASSED_FD)),
+            "readconfig" | "set" => return Err(self.refuse(arg, OPAQUE)),
+            "add-fd" => return Err(self.refuse(arg, PASSED_FD)),
             _ => value.to_string(),
         };
         Ok(Some(new))
@@ -922,10 +1111,10 @@ impl Mirror<'_> {
     ) -> Result<String, MirrorError> {
         if value.trim_start().starts_with('{') {
             let mut opts = Opts::from_json(value)
-                .ok_or_else(|| unsupported(arg, "its JSON does not parse"))?;
+                .ok_or_else(|| self.refuse(arg, "its JSON does not parse"))?;
             rule(self, &mut opts)?;
             if opts.changed {
-                return Err(unsupported(
+                return Err(self.refuse(
                     arg,
                     "a path in its JSON form would have to be rewritten, which the mirror does not do",
                 ));
@@ -963,7 +1152,7 @@ impl Mirror<'_> {
             // QEMU takes everything after file: as the path, commas included.
             format!("file:{}", self.file(arg, path)?)
         } else if rest.starts_with("pipe:") {
-            return Err(unsupported(arg, PIPE));
+            return Err(self.refuse(arg, PIPE));
         } else if let Some(opts) = rest.strip_prefix("unix:") {
             let mut opts = Opts::parse(opts, Some("path"));
             self.socket(arg, &mut opts, implicit_server)?;
@@ -975,13 +1164,11 @@ impl Mirror<'_> {
         {
             let (address, opts) = tail.split_once(',').unwrap_or((tail, ""));
             let mut opts = Opts::parse(opts, None);
-            let port = address.rsplit(':').next().unwrap_or("");
-            let server = opts.get("server").map_or(implicit_server, is_on);
-            if server && is_fixed_port(port) {
-                return Err(unsupported(
-                    arg,
-                    format!("it listens on TCP port {port}, which the source holds"),
-                ));
+            let (host, port) = split_host_port(address);
+            if opts.get("server").map_or(implicit_server, is_on) {
+                self.listener(arg, "TCP", host, port)?;
+            } else {
+                self.client(arg, host)?;
             }
             self.file_key(arg, &mut opts, "logfile")?;
             if opts.changed {
@@ -990,21 +1177,22 @@ impl Mirror<'_> {
                 rest.to_string()
             }
         } else if let Some(udp) = rest.strip_prefix("udp:") {
-            if let Some((_, local)) = udp.split_once('@') {
-                let local = local.split(',').next().unwrap_or("");
-                let port = local.rsplit(':').next().unwrap_or("");
-                if is_fixed_port(port) {
-                    return Err(unsupported(
-                        arg,
-                        format!("it binds UDP port {port}, which the source holds"),
-                    ));
-                }
+            // udp:[remote_host]:remote_port[@[src_ip]:src_port]
+            let udp = udp.split(',').next().unwrap_or("");
+            let (remote, local) = match udp.split_once('@') {
+                Some((remote, local)) => (remote, Some(local)),
+                None => (udp, None),
+            };
+            if let Some(local) = local {
+                let (host, port) = split_host_port(local);
+                self.listener(arg, "UDP", host, port)?;
             }
+            self.client(arg, split_host_port(remote).0)?;
             rest.to_string()
         } else if rest.starts_with("/dev/") {
-            return Err(unsupported(arg, HOST_DEVICE));
+            return Err(self.refuse(arg, self.host_device()));
         } else {
-            return Err(unsupported(
+            return Err(self.refuse(
                 arg,
                 "this character device is not known to be safe to share",
             ));
@@ -1018,19 +1206,19 @@ impl Mirror<'_> {
         match opts.get("backend").unwrap_or("") {
             "socket" => self.socket(arg, opts, false),
             "file" => self.file_key(arg, opts, "path"),
-            "pipe" => Err(unsupported(arg, PIPE)),
-            "serial" | "tty" | "parallel" | "parport" => Err(unsupported(arg, HOST_DEVICE)),
-            "udp" => match opts.get("localport") {
-                Some(port) if is_fixed_port(port) => Err(unsupported(
-                    arg,
-                    format!("it binds UDP port {port}, which the source holds"),
-                )),
-                _ => Ok(()),
-            },
+            "pipe" => Err(self.refuse(arg, PIPE)),
+            "serial" | "tty" | "parallel" | "parport" => Err(self.refuse(arg, self.host_device())),
+            "udp" => {
+                if let Some(port) = opts.get("localport") {
+                    self.listener(arg, "UDP", opts.get("localaddr").unwrap_or(""), port)?;
+                }
+                // QEMU sends to localhost when no host is given.
+                self.client(arg, opts.get("host").unwrap_or(""))
+            }
             "null" | "pty" | "stdio" | "vc" | "ringbuf" | "memory" | "msmouse" | "wctablet"
             | "braille" | "testdev" | "spicevmc" | "spiceport" | "qemu-vdagent" | "dbus"
             | "hub" => Ok(()),
-            other => Err(unsupported(
+            other => Err(self.refuse(
                 arg,
                 format!("chardev backend {other:?} is not known to be safe to share"),
             )),
@@ -1045,61 +1233,88 @@ impl Mirror<'_> {
         implicit_server: bool,
     ) -> Result<(), MirrorError> {
         if opts.get("fd").is_some() {
-            return Err(unsupported(arg, PASSED_FD));
+            return Err(self.refuse(arg, PASSED_FD));
         }
         let server = opts.get("server").map_or(implicit_server, is_on);
+        let host = opts.get("host").unwrap_or("");
         if let Some(path) = opts.get("path").map(str::to_string) {
             if !server {
-                return Err(unsupported(arg, CLIENT_SOCKET));
+                return Err(self.refuse(arg, self.client_socket()));
             }
             let new = self.socket_path(arg, &path)?;
             opts.set("path", &new);
         } else if server {
-            let port = opts.get("port").unwrap_or("");
-            if is_fixed_port(port) {
-                return Err(unsupported(
-                    arg,
-                    format!("it listens on TCP port {port}, which the source holds"),
-                ));
-            }
+            self.listener(arg, "TCP", host, opts.get("port").unwrap_or(""))?;
+        } else if opts.get("port").is_some() {
+            self.client(arg, host)?;
         }
         Ok(())
     }
 
-    /// `-vnc` and `-display vnc=`: a UNIX socket moves; a TCP display becomes `none`.
+    /// `-vnc` and `-display vnc=`: a UNIX socket moves; a TCP display becomes `none` on the same host, and on
+    /// another host when it is bound to an address of the source's host.
     fn vnc(&mut self, arg: &str, value: &str) -> Result<String, MirrorError> {
         let mut opts = Opts::parse(value, Some("vnc"));
         let display = opts.get("vnc").unwrap_or("").to_string();
         if display == "none" {
             return Ok(value.to_string());
         }
+        // websocket=on takes the display's address; websocket=[HOST:]PORT names its own.
+        let websocket = opts
+            .get("websocket")
+            .filter(|w| *w != "off")
+            .map(|w| split_host_port(if w == "on" { "" } else { w }))
+            .map(|(host, port)| (host.to_string(), port.to_string()));
         if let Some(path) = display.strip_prefix("unix:") {
-            if opts.get("websocket").is_some_and(|w| w != "off") {
-                return Err(unsupported(
-                    arg,
-                    "its websocket listens on a TCP port the source holds",
-                ));
+            if let Some((host, port)) = &websocket {
+                if !self.other_host() {
+                    return Err(
+                        self.refuse(arg, "its websocket listens on a TCP port the source holds")
+                    );
+                }
+                self.listener(arg, "TCP", host, port)?;
             }
             let new = self.socket_path(arg, path)?;
             opts.set("vnc", &format!("unix:{new}"));
             return Ok(opts.render());
+        }
+        let host = split_host_port(&display).0;
+        let ws_host = websocket.as_ref().map_or("", |(h, _)| h.as_str());
+        if self.other_host() && !is_host_address(host) && !is_host_address(ws_host) {
+            return Ok(value.to_string());
         }
         self.rewritten.push((value.to_string(), "none".into()));
         Ok("none".into())
     }
 
     fn spice(&mut self, arg: &str, opts: &mut Opts) -> Result<(), MirrorError> {
+        let unix = opts.get("unix").is_some_and(is_on);
+        let addr = if unix {
+            ""
+        } else {
+            opts.get("addr").unwrap_or("")
+        };
         for key in ["port", "tls-port"] {
             if let Some(port) = opts.get(key).filter(|p| is_fixed_port(p)) {
-                return Err(unsupported(
-                    arg,
-                    format!(
-                        "{key}={port} is a TCP port the source holds, and SPICE needs a listener"
-                    ),
-                ));
+                if !self.other_host() {
+                    return Err(self.refuse(
+                        arg,
+                        format!(
+                            "{key}={port} is a TCP port the source holds, and SPICE needs a listener"
+                        ),
+                    ));
+                }
+                if is_host_address(addr) {
+                    return Err(self.refuse(
+                        arg,
+                        format!(
+                            "{key}={port} on {addr}, an address of the source's host, and SPICE needs a listener"
+                        ),
+                    ));
+                }
             }
         }
-        if opts.get("unix").is_some_and(is_on) {
+        if unix {
             if let Some(path) = opts.get("addr").map(str::to_string) {
                 let new = self.socket_path(arg, &path)?;
                 opts.set("addr", &new);
@@ -1110,15 +1325,15 @@ impl Mirror<'_> {
 
     fn object(&mut self, arg: &str, opts: &mut Opts) -> Result<(), MirrorError> {
         if opts.get("fd").is_some() {
-            return Err(unsupported(arg, PASSED_FD));
+            return Err(self.refuse(arg, PASSED_FD));
         }
         match opts.get("qom-type").unwrap_or("") {
-            "memory-backend-file" if opts.get("share").is_some_and(is_on) => Err(unsupported(
+            "memory-backend-file" if opts.get("share").is_some_and(is_on) => Err(self.refuse(
                 arg,
                 "guest RAM in a shared file: the incoming migration would overwrite the source's memory",
             )),
             "filter-dump" => self.file_key(arg, opts, "file"),
-            "input-linux" => Err(unsupported(arg, HOST_DEVICE)),
+            "input-linux" => Err(self.refuse(arg, self.host_device())),
             _ => Ok(()),
         }
     }
@@ -1144,7 +1359,7 @@ impl Mirror<'_> {
             && !normal.starts_with("/dev/shm/")
             && !normal.starts_with("/dev/hugepages/")
         {
-            return Err(unsupported(arg, HOST_DEVICE));
+            return Err(self.refuse(arg, self.host_device()));
         }
         let new = format!("{path}.{}", self.tag);
         self.moved(arg, path, &new);
@@ -1160,7 +1375,7 @@ impl Mirror<'_> {
             format!("{path}.{}", self.tag)
         };
         if new.len() > UNIX_PATH_MAX {
-            return Err(unsupported(
+            return Err(self.refuse(
                 arg,
                 format!(
                     "the new socket path {new} is longer than the {UNIX_PATH_MAX} bytes of a UNIX socket address"
@@ -1186,13 +1401,10 @@ impl Mirror<'_> {
         }
         for (i, (_, new, arg)) in self.moved.iter().enumerate() {
             if self.moved.iter().any(|(old, _, _)| old == new) {
-                return Err(unsupported(
-                    arg,
-                    format!("its new path {new} is one the source uses"),
-                ));
+                return Err(self.refuse(arg, format!("its new path {new} is one the source uses")));
             }
             if self.moved[..i].iter().any(|(_, other, _)| other == new) {
-                return Err(unsupported(
+                return Err(self.refuse(
                     arg,
                     format!("its new path {new} is given to another argument too"),
                 ));
@@ -1200,111 +1412,156 @@ impl Mirror<'_> {
         }
         Ok(())
     }
-}
 
-/// `-netdev`, `-nic` and `-net`: what a second process can share with the source.
-fn netdev(arg: &str, opts: &Opts) -> Result<(), MirrorError> {
-    if ["fd", "fds", "vhostfd", "vhostfds", "sock_fd"]
-        .iter()
-        .any(|k| opts.get(k).is_some())
-    {
-        return Err(unsupported(arg, PASSED_FD));
-    }
-    let listens = |port: &str| {
-        unsupported(
-            arg,
-            format!("it listens on port {port}, which the source holds"),
-        )
-    };
-    match opts.get("type").unwrap_or("") {
-        "user" => {
-            // hostfwd=[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport, given once or more (or as a JSON list).
-            for fwd in opts.items.iter().filter(|o| o.key.starts_with("hostfwd")) {
-                let host = fwd.value.split('-').next().unwrap_or("");
-                let port = host.rsplit(':').next().unwrap_or("");
-                if is_fixed_port(port) {
-                    return Err(listens(port));
-                }
-            }
-            Ok(())
+    /// `-netdev`, `-nic` and `-net`: what a second process can share with the source.
+    fn netdev(&self, arg: &str, opts: &Opts) -> Result<(), MirrorError> {
+        if ["fd", "fds", "vhostfd", "vhostfds", "sock_fd"]
+            .iter()
+            .any(|k| opts.get(k).is_some())
+        {
+            return Err(self.refuse(arg, PASSED_FD));
         }
-        "tap" => {
-            if opts.get("ifname").is_some() {
-                Err(unsupported(
-                    arg,
-                    "a named tap belongs to one process: the destination needs its own",
-                ))
-            } else if opts
-                .get("script")
-                .is_some_and(|s| s.is_empty() || s == "no")
-            {
-                Err(unsupported(
-                    arg,
-                    "with script=no nothing would connect the destination's new tap",
-                ))
-            } else {
-                // A fresh tap, attached by the same script as the source's: two ports on the bridge, one active.
+        match opts.get("type").unwrap_or("") {
+            "user" => {
+                // hostfwd=[tcp|udp]:[hostaddr]:hostport-[guestaddr]:guestport, given once or more (or as a JSON list).
+                for fwd in opts.items.iter().filter(|o| o.key.starts_with("hostfwd")) {
+                    let host_side = fwd.value.split('-').next().unwrap_or("");
+                    let mut parts = host_side.rsplitn(3, ':');
+                    let port = parts.next().unwrap_or("");
+                    let addr = parts.next().unwrap_or("");
+                    let proto = if parts.next() == Some("udp") {
+                        "UDP"
+                    } else {
+                        "TCP"
+                    };
+                    self.listener(arg, proto, addr, port)?;
+                }
                 Ok(())
             }
+            "tap" => {
+                let named = opts.get("ifname").is_some();
+                let no_script = opts
+                    .get("script")
+                    .is_some_and(|s| s.is_empty() || s == "no");
+                if named && !self.other_host() {
+                    Err(self.refuse(
+                        arg,
+                        "a named tap belongs to one process: the destination needs its own",
+                    ))
+                } else if named {
+                    // The name is free on another host: the destination's tap is made there under it, attached by
+                    // the same script (or, with script=no, prepared there beforehand, as the source's was).
+                    Ok(())
+                } else if no_script {
+                    Err(self.refuse(
+                        arg,
+                        "with script=no nothing would connect the destination's new tap",
+                    ))
+                } else {
+                    // A fresh tap, attached by the same script as the source's: two ports on the bridge, one active.
+                    Ok(())
+                }
+            }
+            "socket" => {
+                if let Some(listen) = opts.get("listen") {
+                    return Err(self.peer_link(arg, split_host_port(listen).1));
+                }
+                if let Some(local) = opts.get("localaddr") {
+                    let port = split_host_port(local).1;
+                    if is_fixed_port(port) {
+                        return Err(self.peer_link(arg, port));
+                    }
+                }
+                for key in ["connect", "udp"] {
+                    if let Some(peer) = opts.get(key) {
+                        self.client(arg, split_host_port(peer).0)?;
+                    }
+                }
+                Ok(())
+            }
+            "stream" => {
+                let server = opts.get("server").is_some_and(is_on);
+                match opts.get("addr.type") {
+                    Some("inet") if server => {
+                        Err(self.peer_link(arg, opts.get("addr.port").unwrap_or("")))
+                    }
+                    Some("inet") => self.client(arg, opts.get("addr.host").unwrap_or("")),
+                    Some("unix") if !server => Err(self.refuse(arg, self.client_socket())),
+                    Some("unix") => Err(self.refuse(
+                        arg,
+                        "its listening socket would move, and its peer would not find it",
+                    )),
+                    Some("fd") => Err(self.refuse(arg, PASSED_FD)),
+                    _ => Ok(()),
+                }
+            }
+            "dgram" => {
+                match opts.get("local.type") {
+                    Some("inet") => {
+                        if let Some(port) = opts.get("local.port").filter(|p| is_fixed_port(p)) {
+                            return Err(self.peer_link(arg, port));
+                        }
+                    }
+                    Some("unix") => {
+                        return Err(self.refuse(
+                            arg,
+                            "its bound socket would move, and its peer would not find it",
+                        ))
+                    }
+                    Some("fd") => return Err(self.refuse(arg, PASSED_FD)),
+                    _ => {}
+                }
+                if opts.get("remote.type") == Some("inet") {
+                    self.client(arg, opts.get("remote.host").unwrap_or(""))?;
+                }
+                Ok(())
+            }
+            "bridge" | "vde" | "hubport" | "none" | "nic" | "vhost-user" => Ok(()),
+            other => Err(self.refuse(
+                arg,
+                format!("netdev type {other:?} is not known to be safe to share"),
+            )),
         }
-        "socket" if opts.get("listen").is_some() => Err(listens(opts.get("listen").unwrap_or(""))),
-        "socket" => match opts
-            .get("localaddr")
-            .map(|a| a.rsplit(':').next().unwrap_or(""))
+    }
+
+    /// `-device`: drivers that hold a host device, or an id unique on the host.
+    fn device(&self, arg: &str, opts: &Opts) -> Result<(), MirrorError> {
+        let driver = opts.get("driver").unwrap_or("");
+        // On another host the guest keeps its CID: the source's host holds it, not that one.
+        if (driver.starts_with("vhost-vsock") || driver.starts_with("vhost-user-vsock"))
+            && !self.other_host()
         {
-            Some(port) if is_fixed_port(port) => Err(listens(port)),
-            _ => Ok(()),
-        },
-        "stream" => match opts.get("addr.type") {
-            Some("inet") if opts.get("server").is_some_and(is_on) => {
-                Err(listens(opts.get("addr.port").unwrap_or("")))
-            }
-            Some("unix") if !opts.get("server").is_some_and(is_on) => {
-                Err(unsupported(arg, CLIENT_SOCKET))
-            }
-            Some("unix") => Err(unsupported(
+            return Err(self.refuse(
                 arg,
-                "its listening socket would move, and its peer would not find it",
-            )),
-            Some("fd") => Err(unsupported(arg, PASSED_FD)),
-            _ => Ok(()),
-        },
-        "dgram" => match opts.get("local.type") {
-            Some("inet") => match opts.get("local.port") {
-                Some(port) if is_fixed_port(port) => Err(listens(port)),
-                _ => Ok(()),
-            },
-            Some("unix") => Err(unsupported(
-                arg,
-                "its bound socket would move, and its peer would not find it",
-            )),
-            Some("fd") => Err(unsupported(arg, PASSED_FD)),
-            _ => Ok(()),
-        },
-        "bridge" | "vde" | "hubport" | "none" | "nic" | "vhost-user" => Ok(()),
-        other => Err(unsupported(
-            arg,
-            format!("netdev type {other:?} is not known to be safe to share"),
-        )),
+                "a vsock guest-cid is unique on the host, and the source holds it",
+            ));
+        }
+        if driver.starts_with("vfio-")
+            || driver.starts_with("vhost-scsi")
+            || matches!(driver, "usb-host" | "u2f-passthru" | "pci-assign")
+        {
+            return Err(self.refuse(arg, self.host_device()));
+        }
+        Ok(())
     }
 }
 
-/// `-device`: drivers that hold a host device, or an id unique on the host.
-fn device(arg: &str, opts: &Opts) -> Result<(), MirrorError> {
-    let driver = opts.get("driver").unwrap_or("");
-    if driver.starts_with("vhost-vsock") || driver.starts_with("vhost-user-vsock") {
-        return Err(unsupported(
-            arg,
-            "a vsock guest-cid is unique on the host, and the source holds it",
-        ));
+/// `host:port` → (the host without brackets, the port); a bare `port` has an empty host (every address).
+fn split_host_port(address: &str) -> (&str, &str) {
+    match address.rsplit_once(':') {
+        Some((host, port)) => (host.trim_start_matches('[').trim_end_matches(']'), port),
+        None => ("", address),
     }
-    if driver.starts_with("vfio-")
-        || driver.starts_with("vhost-scsi")
-        || matches!(driver, "usb-host" | "u2f-passthru" | "pci-assign")
-    {
-        return Err(unsupported(arg, HOST_DEVICE));
-    }
-    Ok(())
+}
+
+fn is_loopback(host: &str) -> bool {
+    matches!(host, "localhost" | "ip6-localhost" | "::1") || host.starts_with("127.")
+}
+
+/// An address only one host has: not a wildcard (empty, `0.0.0.0`, `::`) and not loopback. A host name counts:
+/// it names one host's address.
+fn is_host_address(host: &str) -> bool {
+    !matches!(host, "" | "0.0.0.0" | "::") && !is_loopback(host)
 }
 
 /// Expands a `qemu-configs/*.args` template: one option per line (`-flag value`, split at the first space),
@@ -1359,6 +1616,13 @@ mod tests {
         let mut args = v(&QMP);
         args.extend(v(extra));
         mirror_destination(&args, SRC, DST, "dst")
+    }
+
+    /// [`mirror`] for a destination on another host.
+    fn mirror_other(extra: &[&str]) -> Result<Mirrored, MirrorError> {
+        let mut args = v(&QMP);
+        args.extend(v(extra));
+        mirror_to_other_host(&args, SRC, DST, "dst")
     }
 
     #[test]
@@ -1706,6 +1970,15 @@ mod tests {
                 &[],
             ),
         ];
+        // A destination on another host gets the same rewrites (paths move alike: hosts may share storage),
+        // except in these cases, which `mirror_to_other_host_table` covers.
+        let differ_on_other_host = [
+            "-vnc display",
+            "-vnc host:port with options",
+            "-display vnc=",
+            "TCP client and ephemeral listener kept",
+            "TCP client's logfile",
+        ];
         for (case, extra, want, rewrites) in table {
             let got = mirror(extra).unwrap_or_else(|e| panic!("{case}: {e}"));
             let mut want_args = v(&QMP_DST);
@@ -1715,6 +1988,16 @@ mod tests {
             let mut want_rewrites = vec![(SRC.to_string(), DST.to_string())];
             want_rewrites.extend(rewrites.iter().map(|(a, b)| (a.to_string(), b.to_string())));
             assert_eq!(got.rewritten, want_rewrites, "{case}");
+            let other = mirror_other(extra);
+            if differ_on_other_host.contains(case) {
+                assert_ne!(
+                    other,
+                    Ok(got),
+                    "{case}: listed as differing on another host"
+                );
+            } else {
+                assert_eq!(other, Ok(got), "{case}: on another host");
+            }
         }
     }
 
@@ -1830,24 +2113,445 @@ mod tests {
             (&["-serial", "file:/var/log/z", "-D", "/var/log/./z"], "-D /var/log/./z", "another argument"),
             (&["-qmp", long.as_str()], "-qmp unix:/xxx", "longer than"),
         ];
+        // What a destination on another host keeps of these (each a row of `mirror_to_other_host_table`); it
+        // refuses the rest too, naming the same argument (its reasons are checked there).
+        let kept_on_other_host = [
+            "tap,id=n,ifname=tap0,script=no,downscript=no",
+            "tcp::4444,server=on,wait=off",
+            "telnet:127.0.0.1:5555,server,nowait",
+            "socket,id=t,host=0.0.0.0,port=4446,server=on",
+            "tcp::1234",
+            "-s",
+            "user,id=n,hostfwd=tcp::2222-:22",
+            "user,hostfwd=tcp:127.0.0.1:8080-:80",
+            r#"{"type":"user","id":"n","hostfwd":[{"str":"tcp::2223-:22"}]}"#,
+            "port=5900,disable-ticketing=on",
+            "tls-port=5901,x509-dir=/etc/pki",
+            "unix:/run/v.sock,websocket=5700",
+            "vhost-vsock-pci,guest-cid=3",
+        ];
         for (extra, arg, reason) in table {
             match mirror(extra) {
-                Err(MirrorError::Unsupported { arg: a, reason: r }) => {
+                Err(MirrorError::Unsupported {
+                    arg: a,
+                    reason: r,
+                    target,
+                }) => {
                     assert!(a.contains(arg), "{extra:?}: named {a:?}, not {arg:?}");
                     assert!(
                         r.contains(reason),
                         "{extra:?}: reason {r:?} lacks {reason:?}"
                     );
+                    assert_eq!(target, MirrorTarget::SameHost);
                     let shown = MirrorError::Unsupported {
                         arg: a.clone(),
                         reason: r,
+                        target,
                     }
                     .to_string();
                     assert!(shown.contains(&a), "{shown}");
+                    assert!(shown.contains("on the same host"), "{shown}");
                 }
                 other => panic!("{extra:?}: {other:?}"),
             }
+            let other = mirror_other(extra);
+            if extra.iter().any(|e| kept_on_other_host.contains(e)) {
+                assert!(other.is_ok(), "{extra:?} on another host: {other:?}");
+                continue;
+            }
+            match other {
+                Err(e @ MirrorError::Unsupported { .. }) => {
+                    let shown = e.to_string();
+                    assert!(
+                        shown.contains(arg) && shown.contains("on another host"),
+                        "{extra:?}: {shown}"
+                    );
+                }
+                other => panic!("{extra:?} on another host: {other:?}"),
+            }
         }
+    }
+
+    /// What changes when the destination runs on another host: (case, extra source arguments, the outcome on
+    /// the same host, the outcome on another host).
+    #[test]
+    fn mirror_to_other_host_table() {
+        use Want::{Args, Refused};
+        let table: &[(&str, &[&str], Want, Want)] = &[
+            // Taps: the name is free on another host; a fresh tap still needs something to attach it.
+            (
+                "named tap, script=no",
+                &["-netdev", "tap,id=n,ifname=tap0,script=no,downscript=no"],
+                Refused("ifname=tap0", "named tap"),
+                Args(&["-netdev", "tap,id=n,ifname=tap0,script=no,downscript=no"]),
+            ),
+            (
+                "named tap with an ifup script",
+                &["-netdev", "tap,id=net0,ifname=qmweb,script=/tmp/bed/qemu-ifup,downscript=no"],
+                Refused("ifname=qmweb", "named tap"),
+                Args(&["-netdev", "tap,id=net0,ifname=qmweb,script=/tmp/bed/qemu-ifup,downscript=no"]),
+            ),
+            (
+                "named tap, the default script",
+                &["-netdev", "tap,id=n,ifname=vm1"],
+                Refused("ifname=vm1", "named tap"),
+                Args(&["-netdev", "tap,id=n,ifname=vm1"]),
+            ),
+            (
+                "-nic tap, named",
+                &["-nic", "tap,ifname=vm1,model=virtio-net-pci,mac=52:54:00:12:34:56"],
+                Refused("-nic tap,ifname=vm1", "named tap"),
+                Args(&["-nic", "tap,ifname=vm1,model=virtio-net-pci,mac=52:54:00:12:34:56"]),
+            ),
+            (
+                "-net tap, named",
+                &["-net", "tap,ifname=vm1,script=/etc/qemu-ifup"],
+                Refused("-net tap,ifname=vm1", "named tap"),
+                Args(&["-net", "tap,ifname=vm1,script=/etc/qemu-ifup"]),
+            ),
+            (
+                "JSON tap, named",
+                &["-netdev", r#"{"type":"tap","id":"n","ifname":"vm1","script":"no"}"#],
+                Refused("vm1", "named tap"),
+                Args(&["-netdev", r#"{"type":"tap","id":"n","ifname":"vm1","script":"no"}"#]),
+            ),
+            (
+                "fresh tap with script=no",
+                &["-netdev", "tap,id=n,script=no"],
+                Refused("tap,id=n,script=no", "script=no"),
+                Refused("tap,id=n,script=no", "script=no"),
+            ),
+            (
+                "tap on a passed descriptor",
+                &["-netdev", "tap,id=n,ifname=t,vhost=on,vhostfd=4"],
+                Refused("vhostfd=4", "file descriptor"),
+                Refused("vhostfd=4", "file descriptor"),
+            ),
+            (
+                "bridge and fresh tap with a script",
+                &["-netdev", "bridge,id=b,br=br0", "-nic", "tap,script=/etc/qemu-ifup"],
+                Args(&["-netdev", "bridge,id=b,br=br0", "-nic", "tap,script=/etc/qemu-ifup"]),
+                Args(&["-netdev", "bridge,id=b,br=br0", "-nic", "tap,script=/etc/qemu-ifup"]),
+            ),
+            // vsock: a CID is unique per host.
+            (
+                "vhost-vsock",
+                &["-device", "vhost-vsock-pci,guest-cid=3"],
+                Refused("guest-cid=3", "guest-cid"),
+                Args(&["-device", "vhost-vsock-pci,guest-cid=3"]),
+            ),
+            // Listeners: another host's port is its own; an address of the source's host is not.
+            (
+                "TCP serial on every address",
+                &["-serial", "tcp::4444,server=on,wait=off"],
+                Refused("tcp::4444", "port 4444"),
+                Args(&["-serial", "tcp::4444,server=on,wait=off"]),
+            ),
+            (
+                "telnet monitor on loopback",
+                &["-monitor", "telnet:127.0.0.1:5555,server,nowait"],
+                Refused("telnet:127.0.0.1:5555", "port 5555"),
+                Args(&["-monitor", "telnet:127.0.0.1:5555,server,nowait"]),
+            ),
+            (
+                "socket chardev on 0.0.0.0",
+                &["-chardev", "socket,id=t,host=0.0.0.0,port=4446,server=on"],
+                Refused("port=4446", "port 4446"),
+                Args(&["-chardev", "socket,id=t,host=0.0.0.0,port=4446,server=on"]),
+            ),
+            (
+                "socket chardev on a host address",
+                &["-chardev", "socket,id=t,host=192.0.2.11,port=4446,server=on,wait=off"],
+                Refused("port=4446", "port 4446"),
+                Refused("port=4446", "of 192.0.2.11, an address of the source's host"),
+            ),
+            (
+                "TCP serial on an IPv6 host address",
+                &["-serial", "tcp:[2001:db8::11]:4444,server=on"],
+                Refused("4444", "port 4444"),
+                Refused("4444", "2001:db8::11"),
+            ),
+            (
+                "ephemeral port on a host address",
+                &["-serial", "tcp:192.0.2.11:0,server=on,wait=off"],
+                Args(&["-serial", "tcp:192.0.2.11:0,server=on,wait=off"]),
+                Args(&["-serial", "tcp:192.0.2.11:0,server=on,wait=off"]),
+            ),
+            (
+                "-gdb tcp::1234",
+                &["-gdb", "tcp::1234"],
+                Refused("-gdb tcp::1234", "port 1234"),
+                Args(&["-gdb", "tcp::1234"]),
+            ),
+            ("-s", &["-s", "-S"], Refused("-s", "1234"), Args(&["-s", "-S"])),
+            (
+                "UDP serial from every address to another machine",
+                &["-serial", "udp:192.0.2.1:6000@:6001"],
+                Refused("udp:192.0.2.1", "UDP port 6001"),
+                Args(&["-serial", "udp:192.0.2.1:6000@:6001"]),
+            ),
+            (
+                "UDP serial from a host address",
+                &["-serial", "udp:192.0.2.1:6000@192.0.2.11:6001"],
+                Refused("udp:192.0.2.1", "UDP port 6001"),
+                Refused("udp:192.0.2.1", "binds UDP port 6001 of 192.0.2.11"),
+            ),
+            (
+                "SLIRP hostfwd on every address",
+                &["-netdev", "user,id=n,hostfwd=tcp::2222-:22"],
+                Refused("hostfwd=tcp::2222", "port 2222"),
+                Args(&["-netdev", "user,id=n,hostfwd=tcp::2222-:22"]),
+            ),
+            (
+                "SLIRP hostfwd on loopback",
+                &["-nic", "user,hostfwd=tcp:127.0.0.1:8080-:80"],
+                Refused("8080", "port 8080"),
+                Args(&["-nic", "user,hostfwd=tcp:127.0.0.1:8080-:80"]),
+            ),
+            (
+                "SLIRP UDP hostfwd on a host address",
+                &["-netdev", "user,id=n,hostfwd=udp:192.0.2.11:5353-:53"],
+                Refused("5353", "UDP port 5353"),
+                Refused("5353", "192.0.2.11"),
+            ),
+            (
+                "SPICE on every address",
+                &["-spice", "port=5900,disable-ticketing=on"],
+                Refused("port=5900", "port=5900"),
+                Args(&["-spice", "port=5900,disable-ticketing=on"]),
+            ),
+            (
+                "SPICE on a host address",
+                &["-spice", "port=5900,addr=192.0.2.11,disable-ticketing=on"],
+                Refused("port=5900", "port=5900"),
+                Refused("port=5900", "192.0.2.11"),
+            ),
+            // A TCP display is not guest-visible: dropped rather than refused where it cannot listen.
+            (
+                "VNC on every address",
+                &["-vnc", ":1"],
+                Args(&["-vnc", "none"]),
+                Args(&["-vnc", ":1"]),
+            ),
+            (
+                "VNC on loopback with a websocket",
+                &["-vnc", "127.0.0.1:1,websocket=on"],
+                Args(&["-vnc", "none"]),
+                Args(&["-vnc", "127.0.0.1:1,websocket=on"]),
+            ),
+            (
+                "-display vnc= on every address",
+                &["-display", "vnc=:2"],
+                Args(&["-display", "vnc=none"]),
+                Args(&["-display", "vnc=:2"]),
+            ),
+            (
+                "VNC on a host address",
+                &["-vnc", "192.0.2.11:1"],
+                Args(&["-vnc", "none"]),
+                Args(&["-vnc", "none"]),
+            ),
+            (
+                "VNC websocket on a host address",
+                &["-vnc", ":1,websocket=192.0.2.11:5700"],
+                Args(&["-vnc", "none"]),
+                Args(&["-vnc", "none"]),
+            ),
+            (
+                "VNC on a UNIX socket with a websocket",
+                &["-vnc", "unix:/run/v.sock,websocket=5700"],
+                Refused("websocket=5700", "websocket"),
+                Args(&["-vnc", "unix:/run/v.sock.dst,websocket=5700"]),
+            ),
+            // Clients: the source host's loopback is not on another host.
+            (
+                "TCP serial client of loopback",
+                &["-serial", "tcp:127.0.0.1:4444"],
+                Args(&["-serial", "tcp:127.0.0.1:4444"]),
+                Refused("tcp:127.0.0.1:4444", "connects to 127.0.0.1, the source's own host"),
+            ),
+            (
+                "socket chardev client of localhost",
+                &["-chardev", "socket,id=c,host=localhost,port=4444"],
+                Args(&["-chardev", "socket,id=c,host=localhost,port=4444"]),
+                Refused("host=localhost", "connects to localhost"),
+            ),
+            (
+                "TCP serial client of another machine",
+                &["-serial", "tcp:192.0.2.1:4444,logfile=/l"],
+                Args(&["-serial", "tcp:192.0.2.1:4444,logfile=/l.dst"]),
+                Args(&["-serial", "tcp:192.0.2.1:4444,logfile=/l.dst"]),
+            ),
+            (
+                "UDP chardev sending to localhost by default",
+                &["-chardev", "udp,id=u,port=6000"],
+                Args(&["-chardev", "udp,id=u,port=6000"]),
+                Refused("udp,id=u", "connects to localhost"),
+            ),
+            (
+                "socket netdev connecting to loopback",
+                &["-netdev", "socket,id=n,connect=127.0.0.1:1234"],
+                Args(&["-netdev", "socket,id=n,connect=127.0.0.1:1234"]),
+                Refused("connect=127.0.0.1:1234", "source's own host"),
+            ),
+            (
+                "socket netdev connecting elsewhere, and multicast",
+                &[
+                    "-netdev",
+                    "socket,id=n,connect=192.0.2.1:1234",
+                    "-netdev",
+                    "socket,id=m,mcast=230.0.0.1:1234",
+                ],
+                Args(&[
+                    "-netdev",
+                    "socket,id=n,connect=192.0.2.1:1234",
+                    "-netdev",
+                    "socket,id=m,mcast=230.0.0.1:1234",
+                ]),
+                Args(&[
+                    "-netdev",
+                    "socket,id=n,connect=192.0.2.1:1234",
+                    "-netdev",
+                    "socket,id=m,mcast=230.0.0.1:1234",
+                ]),
+            ),
+            (
+                "stream client of loopback",
+                &["-netdev", "stream,id=n,addr.type=inet,addr.host=127.0.0.1,addr.port=1235"],
+                Args(&["-netdev", "stream,id=n,addr.type=inet,addr.host=127.0.0.1,addr.port=1235"]),
+                Refused("addr.host=127.0.0.1", "source's own host"),
+            ),
+            (
+                "stream client of another machine",
+                &["-netdev", "stream,id=n,addr.type=inet,addr.host=192.0.2.1,addr.port=1235"],
+                Args(&["-netdev", "stream,id=n,addr.type=inet,addr.host=192.0.2.1,addr.port=1235"]),
+                Args(&["-netdev", "stream,id=n,addr.type=inet,addr.host=192.0.2.1,addr.port=1235"]),
+            ),
+            // The guest's own link to a peer: the peer does not follow to another host.
+            (
+                "socket netdev listener",
+                &["-netdev", "socket,id=n,listen=:1234"],
+                Refused("listen=:1234", "listens on port 1234"),
+                Refused("listen=:1234", "its peer reaches it at port 1234"),
+            ),
+            (
+                "socket netdev on a local UDP port",
+                &["-netdev", "socket,id=n,udp=192.0.2.1:2000,localaddr=:2001"],
+                Refused("localaddr=:2001", "port 2001"),
+                Refused("localaddr=:2001", "its peer reaches it at port 2001"),
+            ),
+            (
+                "stream server on every address",
+                &["-netdev", "stream,id=n,server=on,addr.type=inet,addr.host=0.0.0.0,addr.port=1235"],
+                Refused("addr.port=1235", "port 1235"),
+                Refused("addr.port=1235", "does not reconnect elsewhere"),
+            ),
+            (
+                "dgram on a local port",
+                &["-netdev", "dgram,id=n,local.type=inet,local.host=0.0.0.0,local.port=1236,remote.type=inet,remote.host=192.0.2.1,remote.port=1"],
+                Refused("local.port=1236", "port 1236"),
+                Refused("local.port=1236", "the guest would lose this network"),
+            ),
+            // Refused on both: host devices, peers' sockets, shared RAM, overlays, descriptors, FIFOs.
+            (
+                "vfio",
+                &["-device", "vfio-pci,host=0000:01:00.0"],
+                Refused("vfio-pci", "host device"),
+                Refused("vfio-pci", "the source host's own hardware"),
+            ),
+            (
+                "usb-host",
+                &["-device", "usb-host,hostbus=1,hostaddr=2"],
+                Refused("usb-host", "host device"),
+                Refused("usb-host", "host device"),
+            ),
+            (
+                "host serial port",
+                &["-serial", "/dev/ttyS0"],
+                Refused("/dev/ttyS0", "host device"),
+                Refused("/dev/ttyS0", "host device"),
+            ),
+            (
+                "TPM passthrough",
+                &["-tpmdev", "passthrough,id=t,path=/dev/tpm0"],
+                Refused("passthrough", "host device"),
+                Refused("passthrough", "host device"),
+            ),
+            (
+                "vhost-user backend socket",
+                &["-chardev", "socket,id=v,path=/run/vhost.sock"],
+                Refused("/run/vhost.sock", "client"),
+                Refused("/run/vhost.sock", "runs on the source's host"),
+            ),
+            (
+                "passt",
+                &["-netdev", "stream,id=n,addr.type=unix,addr.path=/run/passt.sock"],
+                Refused("/run/passt.sock", "client"),
+                Refused("/run/passt.sock", "client"),
+            ),
+            (
+                "shared guest RAM",
+                &["-object", "memory-backend-file,id=m,size=1G,mem-path=/srv/vm.ram,share=on"],
+                Refused("share=on", "overwrite"),
+                Refused("share=on", "overwrite"),
+            ),
+            ("-snapshot", &["-snapshot"], Refused("-snapshot", "overlay"), Refused("-snapshot", "overlay")),
+            (
+                "-add-fd",
+                &["-add-fd", "fd=3,set=1"],
+                Refused("-add-fd", "file descriptor"),
+                Refused("-add-fd", "file descriptor"),
+            ),
+            (
+                "FIFO",
+                &["-serial", "pipe:/tmp/fifo"],
+                Refused("pipe:/tmp/fifo", "FIFO"),
+                Refused("pipe:/tmp/fifo", "FIFO"),
+            ),
+        ];
+        for (case, extra, same, other) in table {
+            for (target, want, got) in [
+                (MirrorTarget::SameHost, same, mirror(extra)),
+                (MirrorTarget::OtherHost, other, mirror_other(extra)),
+            ] {
+                match (want, got) {
+                    (Args(want), Ok(got)) => {
+                        let mut want_args = v(&QMP_DST);
+                        want_args.extend(v(want));
+                        want_args.extend(v(&["-incoming", "defer"]));
+                        assert_eq!(got.args, want_args, "{case} on {target}");
+                    }
+                    (Refused(arg, reason), Err(e)) => {
+                        let shown = e.to_string();
+                        assert!(
+                            matches!(&e, MirrorError::Unsupported { target: t, .. } if *t == target),
+                            "{case} on {target}: {e:?}"
+                        );
+                        assert!(
+                            shown.contains(arg),
+                            "{case} on {target}: {shown} lacks {arg:?}"
+                        );
+                        assert!(
+                            shown.contains(reason),
+                            "{case} on {target}: {shown} lacks {reason:?}"
+                        );
+                        assert!(
+                            shown.contains(&format!("onto a destination on {target}: ")),
+                            "{case}: {shown}"
+                        );
+                    }
+                    (want, got) => panic!("{case} on {target}: wanted {want:?}, got {got:?}"),
+                }
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    enum Want {
+        /// The destination's arguments between the QMP socket's and `-incoming defer`.
+        Args(&'static [&'static str]),
+        /// Refused: the message names this argument and gives a reason with these words.
+        Refused(&'static str, &'static str),
     }
 
     #[test]

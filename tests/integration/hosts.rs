@@ -34,14 +34,15 @@ fn run_dir(tb: &testbed::Bed, host: &str) -> PathBuf {
     tb.dir.join(host).join("run")
 }
 
-/// Starts a guest on a testbed host (its namespace and CPU set), ticking on its console every 200 ms.
+/// Starts a guest on a testbed host (its namespace and CPU set), ticking on its console every 200 ms, with a
+/// second QMP monitor for the test's own checks while qmigrate holds the first. Returns both sockets.
 async fn guest_on(
     bed: &mut Bed,
     tb: &testbed::Bed,
     host: &str,
     name: &str,
     workload: &str,
-) -> PathBuf {
+) -> (PathBuf, PathBuf) {
     let dir = run_dir(tb, host);
     let wrapper = vec![
         concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").to_string(),
@@ -53,12 +54,16 @@ async fn guest_on(
         tb.dir.display().to_string(),
         "--".into(),
     ];
-    bed.source_with(name, workload, |spec| {
-        spec.run_dir = dir;
-        spec.wrapper = wrapper;
-        spec.kernel_extra = "ticks=200".into();
-    })
-    .await
+    let mut monitor = PathBuf::new();
+    let qmp = bed
+        .source_with(name, workload, |spec| {
+            spec.run_dir = dir;
+            spec.wrapper = wrapper;
+            spec.kernel_extra = "ticks=200".into();
+            monitor = crate::harness::second_monitor(spec);
+        })
+        .await;
+    (qmp, monitor)
 }
 
 /// The last `tick N` a console log shows.
@@ -163,7 +168,7 @@ async fn inventory_check_lists_every_host_and_vm_over_ssh() {
     let tb = testbed_up("qmh1", "10.81.0", "200mbit");
     let mut bed = Bed::new();
     guest_on(&mut bed, &tb, "h1", "plain", "idle").await;
-    let nasty = guest_on(&mut bed, &tb, "h2", NASTY, "idle").await;
+    let (nasty, _) = guest_on(&mut bed, &tb, "h2", NASTY, "idle").await;
     let inv = inventory(&tb);
     let run = qmigrate(
         &["inventory", "check", &inv, "--json"],
@@ -227,7 +232,7 @@ async fn inventory_check_lists_every_host_and_vm_over_ssh() {
 async fn a_dirtying_guest_moves_to_another_host_and_back_over_tls() {
     let tb = testbed_up("qmh2", "10.82.0", "200mbit");
     let mut bed = Bed::new();
-    let on_h1 = guest_on(&mut bed, &tb, "h1", NASTY, "dirty:32:4").await;
+    let (on_h1, _) = guest_on(&mut bed, &tb, "h1", NASTY, "dirty:32:4").await;
     let src_pid = bed.pid_of(&on_h1);
     let inv = inventory(&tb);
     let on_h2 = run_dir(&tb, "h2").join(format!("{NASTY}.qmp"));
@@ -323,7 +328,7 @@ async fn a_dirtying_guest_moves_to_another_host_and_back_over_tls() {
 async fn tls_refuses_a_destination_with_a_certificate_of_another_ca_and_the_guest_stays() {
     let tb = testbed_up("qmh3", "10.83.0", "400mbit");
     let mut bed = Bed::new();
-    let on_h1 = guest_on(&mut bed, &tb, "h1", "guarded", "dirty:16:2").await;
+    let (on_h1, _) = guest_on(&mut bed, &tb, "h1", "guarded", "dirty:16:2").await;
     make_certs(&tb, &[1, 2], &[2]);
     let inv = inventory(&tb);
     let run = qmigrate(
@@ -525,25 +530,7 @@ fn kill_sessions(socket: &Path) -> usize {
 async fn broken_sessions_and_a_link_down_mid_migration_still_move_the_guest_once() {
     let tb = testbed_up("qmh4", "10.84.0", "100mbit");
     let mut bed = Bed::new();
-    let dir = run_dir(&tb, "h1");
-    let wrapper = vec![
-        concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").to_string(),
-        "exec".into(),
-        "h1".into(),
-        "--name".into(),
-        tb.name.into(),
-        "--dir".into(),
-        tb.dir.display().to_string(),
-        "--".into(),
-    ];
-    let mut monitor = PathBuf::new();
-    let on_h1 = bed
-        .source_with("faulty", "dirty:64:2", |spec| {
-            spec.run_dir = dir;
-            spec.wrapper = wrapper;
-            monitor = crate::harness::second_monitor(spec);
-        })
-        .await;
+    let (on_h1, monitor) = guest_on(&mut bed, &tb, "h1", "faulty", "dirty:64:2").await;
     let on_h2 = run_dir(&tb, "h2").join("faulty.qmp");
     let inv = inventory(&tb);
     let args = [
@@ -601,7 +588,7 @@ async fn broken_sessions_and_a_link_down_mid_migration_still_move_the_guest_once
 async fn a_destination_starts_from_a_template_of_qemu_configs() {
     let tb = testbed_up("qmh5", "10.85.0", "400mbit");
     let mut bed = Bed::new();
-    let on_h1 = guest_on(&mut bed, &tb, "h1", "tmpl", "dirty:16:2").await;
+    let (on_h1, _) = guest_on(&mut bed, &tb, "h1", "tmpl", "dirty:16:2").await;
     let text = std::fs::read_to_string(inventory(&tb)).unwrap();
     let (h1, h2) = text.split_once("[hosts.h2]").unwrap();
     let template = format!(
@@ -651,24 +638,7 @@ async fn a_destination_starts_from_a_template_of_qemu_configs() {
 async fn qmigrate_killed_mid_migration_between_hosts_is_adopted_by_name() {
     let tb = testbed_up("qmh6", "10.87.0", "100mbit");
     let mut bed = Bed::new();
-    let dir = run_dir(&tb, "h1");
-    let wrapper = vec![
-        concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").to_string(),
-        "exec".into(),
-        "h1".into(),
-        "--name".into(),
-        tb.name.into(),
-        "--dir".into(),
-        tb.dir.display().to_string(),
-        "--".into(),
-    ];
-    let mut monitor = PathBuf::new();
-    bed.source_with("adoptee", "dirty:64:2", |spec| {
-        spec.run_dir = dir;
-        spec.wrapper = wrapper;
-        monitor = crate::harness::second_monitor(spec);
-    })
-    .await;
+    let (_, monitor) = guest_on(&mut bed, &tb, "h1", "adoptee", "dirty:64:2").await;
     let inv = inventory(&tb);
     let args = [
         "migrate",
