@@ -12,11 +12,11 @@
 //!
 //! QEMU and the guest image come from QMIGRATE_QEMU and QMIGRATE_GUEST_DIR (default: target/guest).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use qmigrate::testbed::{Guest, GuestSpec};
+use qmigrate::testbed::{BridgeNic, Guest, GuestSpec};
 
 #[derive(Parser)]
 struct Args {
@@ -40,42 +40,6 @@ struct Args {
     /// The guest's default route (only with --ip). The testbed needs none: hosts, client and guests share a /24.
     #[arg(long, value_name = "ADDR", requires = "ip")]
     gateway: Option<String>,
-}
-
-/// A guest's NIC on its host's bridge: QEMU arguments and kernel parameters.
-struct BridgeNic {
-    tap: String,
-    mac: String,
-}
-
-impl BridgeNic {
-    /// The tap's name (at most 15 bytes, as interface names are) and the MAC, both from FNV-1a of the testbed's
-    /// and the guest's names: stable across runs and hosts, distinct between guests.
-    fn new(testbed: &str, guest: &str) -> BridgeNic {
-        let hash = format!("{testbed}/{guest}")
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-            });
-        let [a, b, c, ..] = hash.to_be_bytes();
-        BridgeNic {
-            tap: format!("qm{:08x}", hash >> 32),
-            mac: format!("52:54:00:{a:02x}:{b:02x}:{c:02x}"),
-        }
-    }
-
-    fn qemu_args(&self, ifup: &Path) -> Vec<String> {
-        vec![
-            "-netdev".into(),
-            format!(
-                "tap,id=net0,ifname={},script={},downscript=no",
-                self.tap,
-                ifup.display()
-            ),
-            "-device".into(),
-            format!("virtio-net-pci,netdev=net0,mac={}", self.mac),
-        ]
-    }
 }
 
 /// The guest init's parameters (scripts/guest/init): `qm_ip=ADDR/PREFIX`, `qm_gw=ADDR`.

@@ -2617,6 +2617,43 @@ mod tests {
             got.args
         );
         assert_eq!(got.rewritten.len(), 2, "{:?}", got.rewritten);
+
+        // With a NIC on its host's bridge (examples/testbed_guest.rs --ip): another host keeps the tap as it is,
+        // moves the serial log like the same host does, and otherwise changes nothing.
+        let mut args = args;
+        let tap = "tap,id=net0,ifname=qm060f03b1,script=/tmp/bed/qemu-ifup,downscript=no";
+        args.extend(v(&[
+            "-netdev",
+            tap,
+            "-device",
+            "virtio-net-pci,netdev=net0,mac=52:54:00:06:0f:03",
+        ]));
+        let same = mirror_destination(&args, "/tmp/bed/src.qmp", "/tmp/bed/dst.qmp", "h2");
+        assert!(
+            matches!(&same, Err(MirrorError::Unsupported { arg, .. }) if arg.contains(tap)),
+            "{same:?}"
+        );
+        let got = mirror_to_other_host(&args, "/tmp/bed/src.qmp", "/tmp/bed/h2/run/src.qmp", "h2")
+            .unwrap();
+        let want: Vec<String> = args
+            .iter()
+            .map(|a| {
+                a.replace("/tmp/bed/src.serial", "/tmp/bed/src.serial.h2")
+                    .replace("unix:/tmp/bed/src.qmp", "unix:/tmp/bed/h2/run/src.qmp")
+            })
+            .chain(v(&["-incoming", "defer"]))
+            .collect();
+        assert_eq!(got.args, want);
+        assert_eq!(
+            got.rewritten,
+            [
+                (
+                    "/tmp/bed/src.serial".into(),
+                    "/tmp/bed/src.serial.h2".into()
+                ),
+                ("/tmp/bed/src.qmp".into(), "/tmp/bed/h2/run/src.qmp".into())
+            ]
+        );
     }
 
     #[test]

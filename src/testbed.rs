@@ -140,3 +140,43 @@ impl Guest {
         }
     }
 }
+
+/// A guest's virtio NIC on a tap in the bridge of its host on the multi-host testbed (`scripts/testbed`): the tap
+/// named by `ifname=` and put on the host's `br0` by the testbed's `qemu-ifup` (QEMU runs it in the host namespace
+/// it starts in, so the same command line works on every host). The tap's name (at most 15 bytes, as interface
+/// names are) and the MAC come from FNV-1a of the testbed's and the guest's names: stable across runs and hosts,
+/// distinct between guests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeNic {
+    pub tap: String,
+    pub mac: String,
+}
+
+impl BridgeNic {
+    pub fn new(testbed: &str, guest: &str) -> BridgeNic {
+        let hash = format!("{testbed}/{guest}")
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            });
+        let [a, b, c, ..] = hash.to_be_bytes();
+        BridgeNic {
+            tap: format!("qm{:08x}", hash >> 32),
+            mac: format!("52:54:00:{a:02x}:{b:02x}:{c:02x}"),
+        }
+    }
+
+    /// The QEMU arguments of the NIC, with the testbed's ifup script.
+    pub fn qemu_args(&self, ifup: &Path) -> Vec<String> {
+        vec![
+            "-netdev".into(),
+            format!(
+                "tap,id=net0,ifname={},script={},downscript=no",
+                self.tap,
+                ifup.display()
+            ),
+            "-device".into(),
+            format!("virtio-net-pci,netdev=net0,mac={}", self.mac),
+        ]
+    }
+}

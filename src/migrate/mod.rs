@@ -1851,7 +1851,7 @@ async fn launch_on_host(
     let args = match &link.host.destination {
         DestinationStart::Mirror => {
             let mirrored =
-                launch::mirror_destination(&process.args, &req.source, &dst_socket, link.name())
+                launch::mirror_to_other_host(&process.args, &req.source, &dst_socket, link.name())
                     .map_err(|e| MigrateError::Launch(LaunchError::Mirror(e)))?;
             for (old, new) in &mirrored.rewritten {
                 debug!(host = %link.name(), "mirror: {old} -> {new}");

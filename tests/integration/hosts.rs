@@ -30,8 +30,23 @@ fn inventory(tb: &testbed::Bed) -> String {
     tb.dir.join("inventory.toml").display().to_string()
 }
 
-fn run_dir(tb: &testbed::Bed, host: &str) -> PathBuf {
+pub fn run_dir(tb: &testbed::Bed, host: &str) -> PathBuf {
     tb.dir.join(host).join("run")
+}
+
+/// `scripts/testbed exec HOST --` for this testbed: a wrapper that runs QEMU (or any command) on that host, in its
+/// namespace and CPU set, under the command's own pid.
+pub fn exec_on(tb: &testbed::Bed, host: &str) -> Vec<String> {
+    vec![
+        concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").to_string(),
+        "exec".into(),
+        host.into(),
+        "--name".into(),
+        tb.name.into(),
+        "--dir".into(),
+        tb.dir.display().to_string(),
+        "--".into(),
+    ]
 }
 
 /// Starts a guest on a testbed host (its namespace and CPU set), ticking on its console every 200 ms, with a
@@ -44,16 +59,7 @@ async fn guest_on(
     workload: &str,
 ) -> (PathBuf, PathBuf) {
     let dir = run_dir(tb, host);
-    let wrapper = vec![
-        concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed").to_string(),
-        "exec".into(),
-        host.into(),
-        "--name".into(),
-        tb.name.into(),
-        "--dir".into(),
-        tb.dir.display().to_string(),
-        "--".into(),
-    ];
+    let wrapper = exec_on(tb, host);
     let mut monitor = PathBuf::new();
     let qmp = bed
         .source_with(name, workload, |spec| {

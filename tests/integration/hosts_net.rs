@@ -10,36 +10,27 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use qmigrate::testbed::GuestSpec;
+use qmigrate::testbed::{BridgeNic, GuestSpec};
 use serde_json::Value;
 
 use crate::harness::{qmigrate, run_state, run_state_or_gone, Bed};
+use crate::hosts::{exec_on, run_dir};
 use crate::testbed::{self, run};
 
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/testbed");
 const MIGRATE_LIMIT: Duration = Duration::from_secs(240);
 /// The `web` workload's `/www/file` (scripts/guest/init).
 const FILE_BYTES: usize = 1 << 20;
 
-/// A guest's virtio NIC on a tap in its host's `br0`, as `examples/testbed_guest.rs --ip` makes it: the tap's
-/// name and the MAC from FNV-1a of the testbed's and the guest's names, the address from `qm_ip=`.
-struct BridgeNic {
-    tap: String,
-    mac: String,
+/// A guest's NIC on its host's bridge ([`BridgeNic`]) and its address (`qm_ip=`).
+struct GuestNic {
+    nic: BridgeNic,
     ip: String,
 }
 
-impl BridgeNic {
-    fn new(tb: &testbed::Bed, guest: &str, ip: &str) -> BridgeNic {
-        let hash = format!("{}/{guest}", tb.name)
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-            });
-        let [a, b, c, ..] = hash.to_be_bytes();
-        BridgeNic {
-            tap: format!("qm{:08x}", hash >> 32),
-            mac: format!("52:54:00:{a:02x}:{b:02x}:{c:02x}"),
+impl GuestNic {
+    fn new(tb: &testbed::Bed, guest: &str, ip: &str) -> GuestNic {
+        GuestNic {
+            nic: BridgeNic::new(tb.name, guest),
             ip: ip.to_string(),
         }
     }
@@ -51,38 +42,11 @@ impl BridgeNic {
             "scripts/testbed up made no {}",
             ifup.display()
         );
-        spec.extra_args.extend([
-            "-netdev".to_string(),
-            format!(
-                "tap,id=net0,ifname={},script={},downscript=no",
-                self.tap,
-                ifup.display()
-            ),
-            "-device".to_string(),
-            format!("virtio-net-pci,netdev=net0,mac={}", self.mac),
-        ]);
+        spec.extra_args.extend(self.nic.qemu_args(&ifup));
         spec.kernel_extra = format!("{} qm_ip={}/24", spec.kernel_extra, self.ip)
             .trim()
             .to_string();
     }
-}
-
-/// `scripts/testbed exec HOST --` for this testbed, as a wrapper for QEMU or a command.
-fn exec_on(tb: &testbed::Bed, host: &str) -> Vec<String> {
-    vec![
-        SCRIPT.to_string(),
-        "exec".into(),
-        host.into(),
-        "--name".into(),
-        tb.name.into(),
-        "--dir".into(),
-        tb.dir.display().to_string(),
-        "--".into(),
-    ]
-}
-
-fn run_dir(tb: &testbed::Bed, host: &str) -> PathBuf {
-    tb.dir.join(host).join("run")
 }
 
 /// Starts a guest on a testbed host (its namespace and CPU set) with `nic`, and waits for its workload.
@@ -92,7 +56,7 @@ async fn guest_with_nic(
     host: &str,
     name: &str,
     workload: &str,
-    nic: &BridgeNic,
+    nic: &GuestNic,
 ) -> PathBuf {
     let dir = run_dir(tb, host);
     let wrapper = exec_on(tb, host);
@@ -176,16 +140,16 @@ async fn a_web_guest_moved_to_another_host_stays_reachable_at_its_address() {
     let up = tb.up(&["--hosts", "2", "--rate", "200mbit", "--delay", "0ms"]);
     assert_eq!(up.code, Some(0), "testbed up: {up:?}");
     let mut bed = Bed::new();
-    let nic = BridgeNic::new(&tb, "web", &format!("{}.100", tb.subnet));
+    let nic = GuestNic::new(&tb, "web", &format!("{}.100", tb.subnet));
     let on_h1 = guest_with_nic(&mut bed, &tb, "h1", "web", "web", &nic).await;
     let src_pid = bed.pid_of(&on_h1);
     let on_h2 = run_dir(&tb, "h2").join("web.qmp");
     assert!(
-        has_tap(&on_bridge(&tb, "h1"), &nic.tap),
+        has_tap(&on_bridge(&tb, "h1"), &nic.nic.tap),
         "{}",
         on_bridge(&tb, "h1")
     );
-    assert!(!has_tap(&on_bridge(&tb, "h2"), &nic.tap));
+    assert!(!has_tap(&on_bridge(&tb, "h2"), &nic.nic.tap));
 
     // Served from h1: the file crosses h1's link, not h2's.
     let scratch = bed.path("fetched");
@@ -235,7 +199,7 @@ async fn a_web_guest_moved_to_another_host_stays_reachable_at_its_address() {
     assert_eq!(run_state(&on_h2).await, "running");
     assert_eq!(run_state_or_gone(&on_h1).await, "gone");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !testbed::gone(src_pid) || has_tap(&on_bridge(&tb, "h1"), &nic.tap) {
+    while !testbed::gone(src_pid) || has_tap(&on_bridge(&tb, "h1"), &nic.nic.tap) {
         assert!(
             Instant::now() < deadline,
             "h1 still has the source QEMU (pid {src_pid}) or its tap: {}",
@@ -244,7 +208,7 @@ async fn a_web_guest_moved_to_another_host_stays_reachable_at_its_address() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        has_tap(&on_bridge(&tb, "h2"), &nic.tap),
+        has_tap(&on_bridge(&tb, "h2"), &nic.nic.tap),
         "{}",
         on_bridge(&tb, "h2")
     );
