@@ -62,6 +62,10 @@ pub enum Phase {
     Securing { outcome: Outcome, why: String },
     /// A guest that panicked on the destination inside `--verify`: stop it there, then resume the source.
     RollingBack { why: String },
+    /// QEMU failed the postcopy on the source (a failed source cannot resume it, so the destination can never
+    /// complete). QEMU restarts the source itself when the guest ran before the migration: then the destination
+    /// is stopped, so that the guest runs once (`source_runs`); otherwise the guest is lost and both are left.
+    PostcopyFailed { source_runs: bool },
     Done {
         outcome: Outcome,
         why: Option<String>,
@@ -121,6 +125,7 @@ impl Phase {
             Phase::SourceLost { .. } => "source-lost",
             Phase::Securing { .. } => "securing",
             Phase::RollingBack { .. } => "rolling-back",
+            Phase::PostcopyFailed { .. } => "postcopy-failed",
             Phase::Done { outcome, .. } => match outcome {
                 Outcome::Completed => "verified",
                 Outcome::Cancelled => "cancelled",
@@ -134,6 +139,16 @@ impl Phase {
 }
 
 impl EndState {
+    /// For messages: `running`, `paused`, `gone`, `not answering`.
+    pub fn describe(&self) -> String {
+        match self {
+            EndState::Running => "running".into(),
+            EndState::NotRunning(s) => s.clone(),
+            EndState::Gone => "gone".into(),
+            EndState::Unknown => "not answering".into(),
+        }
+    }
+
     pub fn from_status(status: &str) -> EndState {
         match status {
             "running" => EndState::Running,
@@ -150,6 +165,8 @@ pub enum GuestEvent {
     ResetOrShutdown,
     /// `GUEST_PANICKED` / `GUEST_CRASHLOADED`.
     Panicked,
+    /// `RESUME`: the destination's vCPUs started, so the guest runs (or ran) there.
+    Resumed,
 }
 
 /// One thing the I/O loop saw.
@@ -163,6 +180,8 @@ pub enum Observation {
     DestinationGone,
     /// The destination's run state, read when a command asked for it.
     Destination(EndState),
+    /// The source's run state, read when a command asked for it.
+    Source(EndState),
     /// An event of the guest on the destination.
     Guest(GuestEvent),
     /// The ladder's decision (the loop asks [`super::ladder::Ladder::step`] when told to).
@@ -188,6 +207,8 @@ pub enum Command {
     Cancel,
     /// `query-status` on the destination; the answer comes back as [`Observation::Destination`].
     AskDestination,
+    /// `query-status` on the source; the answer comes back as [`Observation::Source`].
+    AskSource,
     /// `stop` the destination (and `quit` or kill it if qmigrate launched it), then read back its state.
     StopDestination,
     /// `cont` the destination: it took the guest over but stands paused (offline finish, `-S`).
@@ -263,6 +284,10 @@ pub struct Machine {
     pub recover_attempts: u32,
     /// The guest reset or shut down on the destination after the switch-over: its own doing.
     pub guest_shutdown: bool,
+    /// The guest may have run on the destination (a `RESUME` there, its run state read as `running`, or events
+    /// that may have been missed). Until then a postcopy destination that dies took nothing from the source: the
+    /// source's image is current, and the source may run on.
+    pub destination_ran: bool,
 }
 
 impl Machine {
@@ -273,6 +298,7 @@ impl Machine {
             postcopy_started: false,
             recover_attempts: 0,
             guest_shutdown: false,
+            destination_ran: false,
         }
     }
 
@@ -283,6 +309,8 @@ impl Machine {
         m.phase = Phase::Precopy {
             source_stopped: false,
         };
+        // What happened before we came is unknown: the guest may have run on the destination.
+        m.destination_ran = true;
         // The status is the first observation: the same rows decide.
         let d = m.decide(&Observation::Status(status.into()), now);
         (m, d)
@@ -309,6 +337,12 @@ impl Machine {
             )
         {
             self.guest_shutdown = true;
+        }
+        if matches!(
+            obs,
+            Observation::Guest(GuestEvent::Resumed) | Observation::Destination(EndState::Running)
+        ) {
+            self.destination_ran = true;
         }
         let (next, decision) = self.next(obs, now);
         if let Some(p) = next {
@@ -351,7 +385,9 @@ impl Machine {
                 }
                 (None, cmds([C::AskDestination, C::ReconnectSource]))
             }
-            (_, O::SourceUnreachable { closed }) if !matches!(phase, Phase::Securing { .. }) => {
+            (_, O::SourceUnreachable { closed })
+                if !matches!(phase, Phase::Securing { .. } | Phase::PostcopyFailed { .. }) =>
+            {
                 let what = if *closed {
                     "the source's QMP connection closed"
                 } else {
@@ -541,14 +577,56 @@ impl Machine {
                         .into(),
                 )]),
             ),
+            // Died before its vCPUs ever started (seen here: a stream cut while the device state was on its way,
+            // and the destination exits on the failed load). The guest ran nothing there, and its whole state is
+            // in the source; but QEMU neither cancels nor resumes a postcopy on the source, so it cannot run again.
+            (Phase::Postcopy | Phase::PostcopyPaused { .. }, O::DestinationGone) if !self.destination_ran => done(
+                Outcome::Lost,
+                "the destination QEMU died in postcopy before the guest ever ran there: the guest's whole state is in the source QEMU, left paused and alive, but QEMU neither cancels nor resumes a postcopy, so it cannot run again",
+            ),
             (Phase::Postcopy | Phase::PostcopyPaused { .. }, O::DestinationGone) => done(
                 Outcome::Lost,
                 "the destination QEMU died during postcopy: it held the only up-to-date part of the guest's memory; the source's image is stale and is not resumed",
             ),
-            (Phase::Postcopy | Phase::PostcopyPaused { .. }, O::Status(s)) if s == "failed" => done(
-                Outcome::Lost,
-                "QEMU reports postcopy failed: the source's image is stale and is not resumed",
+            (Phase::Postcopy | Phase::PostcopyPaused { .. }, O::Status(s)) if s == "failed" => (
+                Some(Phase::PostcopyFailed { source_runs: false }),
+                why(
+                    cmds([C::AskSource]),
+                    "QEMU reports the postcopy failed on the source: a failed source cannot resume it, so the destination can never complete",
+                ),
             ),
+
+            // The source's QEMU failed the postcopy. It restarts the guest itself when it ran before the
+            // migration; qmigrate never does.
+            (Phase::PostcopyFailed { source_runs: false }, O::Source(EndState::Running)) => (
+                Some(Phase::PostcopyFailed { source_runs: true }),
+                why(
+                    cmds([C::StopDestination]),
+                    "QEMU restarted the guest on the source from its switch-over image: the destination, which cannot be recovered, is stopped so that the guest runs once",
+                ),
+            ),
+            (Phase::PostcopyFailed { source_runs: false }, O::Source(state)) => done(
+                Outcome::Lost,
+                format!(
+                    "QEMU reports the postcopy failed and the source is {}: the guest is lost; both QEMUs are left as they are",
+                    state.describe()
+                ),
+            ),
+            (
+                Phase::PostcopyFailed { source_runs: true },
+                O::Destination(EndState::Gone | EndState::NotRunning(_)) | O::DestinationGone,
+            ) => done(
+                Outcome::RolledBack,
+                "the postcopy failed on the source and QEMU restarted the guest there from its switch-over image; the destination was stopped; what the guest did on the destination since the switch-over is lost",
+            ),
+            (
+                Phase::PostcopyFailed { source_runs: true },
+                O::Destination(EndState::Running | EndState::Unknown),
+            ) => done(
+                Outcome::Lost,
+                "the postcopy failed, QEMU restarted the guest on the source, and the destination could not be stopped",
+            ),
+            (Phase::PostcopyFailed { .. }, _) => (None, nothing()),
             (Phase::Postcopy, _) => (None, nothing()),
 
             // A paused postcopy: recover with backoff until --recover-for runs out.
@@ -1002,6 +1080,24 @@ mod tests {
             ("paused: interrupt does not cancel", paused(6, 1, 8), &plain, O::Interrupt, 7,
                 vec![C::Notice("postcopy cannot be cancelled: the guest's memory is split between the hosts; letting it finish".into())], Next::Same),
             ("paused: destination dies", paused(6, 1, 8), &plain, O::DestinationGone, 7, vec![], Next::Done(Outcome::Lost)),
+            // QEMU fails the postcopy on the source (seen on the testbed: a stream cut just after the switch to
+            // postcopy): it cannot be recovered, and QEMU may restart the source itself.
+            ("postcopy failed: ask the source", Phase::Postcopy, &plain, st("failed"), 7,
+                vec![C::AskSource], Next::Is(Phase::PostcopyFailed { source_runs: false })),
+            ("paused postcopy failed: ask the source", paused(6, 1, 8), &plain, st("failed"), 7,
+                vec![C::AskSource], Next::Is(Phase::PostcopyFailed { source_runs: false })),
+            ("postcopy failed, QEMU restarted the source: stop the destination", Phase::PostcopyFailed { source_runs: false },
+                &plain, O::Source(EndState::Running), 7, vec![C::StopDestination], Next::Is(Phase::PostcopyFailed { source_runs: true })),
+            ("postcopy failed, source stopped: lost, nothing resumed", Phase::PostcopyFailed { source_runs: false },
+                &plain, O::Source(EndState::NotRunning("paused".into())), 7, vec![], Next::Done(Outcome::Lost)),
+            ("postcopy failed, source silent: lost", Phase::PostcopyFailed { source_runs: false },
+                &plain, O::Source(EndState::Unknown), 7, vec![], Next::Done(Outcome::Lost)),
+            ("postcopy failed, destination stopped: the source's run is the one", Phase::PostcopyFailed { source_runs: true },
+                &plain, O::Destination(EndState::Gone), 7, vec![], Next::Done(Outcome::RolledBack)),
+            ("postcopy failed, destination still runs: lost", Phase::PostcopyFailed { source_runs: true },
+                &plain, O::Destination(EndState::Running), 7, vec![], Next::Done(Outcome::Lost)),
+            ("postcopy failed: an unreachable source changes nothing", Phase::PostcopyFailed { source_runs: true },
+                &plain, O::SourceUnreachable { closed: true }, 7, vec![], Next::Same),
             // Switched over.
             ("destination runs: done", switched(false), &plain, O::Destination(EndState::Running), 10, vec![], Next::Done(Outcome::Completed)),
             ("destination runs: verify", switched(false), &verify, O::Destination(EndState::Running), 10, vec![],
@@ -1058,6 +1154,8 @@ mod tests {
             m.phase = phase.clone();
             if matches!(phase, Phase::Postcopy | Phase::PostcopyPaused { .. }) {
                 m.postcopy_started = true;
+                // The common case: the guest ran on the destination (its own table below covers the other).
+                m.destination_ran = true;
             }
             let d = m.decide(&obs, s(now));
             assert_eq!(d.commands, want_cmds, "{name}: commands ({d:?})");
@@ -1075,6 +1173,37 @@ mod tests {
                 ),
             }
         }
+    }
+
+    /// A postcopy destination that dies: lost either way (QEMU refuses to cancel or resume a postcopy on the
+    /// source), the reason saying whether the guest ever ran there; nothing is resumed or killed.
+    #[test]
+    fn a_postcopy_destination_that_dies_is_told_apart_by_whether_the_guest_ran_there() {
+        for (seen, ran) in [
+            (None, false),
+            (Some(O::Guest(GuestEvent::Resumed)), true),
+            (Some(O::Destination(EndState::Running)), true),
+        ] {
+            let mut m = Machine::new(Rules::default());
+            m.phase = Phase::Postcopy;
+            m.postcopy_started = true;
+            if let Some(o) = &seen {
+                m.decide(o, s(6));
+            }
+            assert_eq!(m.destination_ran, ran, "{seen:?}");
+            let d = m.decide(&O::DestinationGone, s(7));
+            assert!(d.commands.is_empty(), "{seen:?}: {d:?}");
+            let (outcome, why) = m.outcome().unwrap();
+            assert_eq!(outcome, Outcome::Lost, "{seen:?}");
+            assert_eq!(
+                why.unwrap().contains("before the guest ever ran there"),
+                !ran,
+                "{seen:?}: {why:?}"
+            );
+        }
+        // Taking over a postcopy, we cannot know: it counts as ran.
+        let (m, _) = Machine::adopting(Rules::default(), "postcopy-active", s(0));
+        assert!(m.destination_ran);
     }
 
     /// The first rule, over every phase: the source is resumed only once the destination is known not to run the
@@ -1103,8 +1232,12 @@ mod tests {
                 why: "x".into(),
             },
             Phase::RollingBack { why: "x".into() },
+            Phase::PostcopyFailed { source_runs: false },
+            Phase::PostcopyFailed { source_runs: true },
         ];
         let observations = [
+            O::Source(EndState::Running),
+            O::Source(EndState::NotRunning("paused".into())),
             st("active"),
             st("failed"),
             st("cancelled"),
@@ -1128,7 +1261,7 @@ mod tests {
                 ..Rules::default()
             },
         ] {
-            for p in &phases {
+            for (p, ran) in phases.iter().flat_map(|p| [(p, true), (p, false)]) {
                 for o in &observations {
                     let mut m = Machine::new(rules.clone());
                     m.phase = p.clone();
@@ -1136,8 +1269,10 @@ mod tests {
                         p,
                         Phase::Postcopy
                             | Phase::PostcopyPaused { .. }
+                            | Phase::PostcopyFailed { .. }
                             | Phase::SwitchedOver { postcopy: true, .. }
                     );
+                    m.destination_ran = ran;
                     let d = m.decide(o, s(10));
                     if d.commands.contains(&C::ResumeSourceIfPaused) {
                         assert!(!m.postcopy_started, "resumed after postcopy: {p:?} {o:?}");

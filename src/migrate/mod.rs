@@ -1034,6 +1034,8 @@ impl<'a> Run<'a> {
                         )));
                         self.dst_events = q.events();
                         self.dst = q;
+                        // Events sent while the session was down are lost: a RESUME among them cannot be ruled out.
+                        self.machine.destination_ran = true;
                         return true;
                     }
                     Err(e) => debug!(vm = %self.vm(), "reconnecting to the destination: {e}"),
@@ -1104,6 +1106,7 @@ impl<'a> Run<'a> {
             Command::AskDestination => {
                 Some(Observation::Destination(self.destination_state().await))
             }
+            Command::AskSource => Some(Observation::Source(self.source_state().await)),
             Command::StopDestination => {
                 if !self.dst.is_closed() {
                     if let Err(e) = self.dst.execute_timeout(&qmp::stop {}, QUERY_TIMEOUT).await {
@@ -1301,6 +1304,24 @@ impl<'a> Run<'a> {
         self.last = info;
         if self.last.ram.is_none() {
             self.last.ram = ram_before;
+        }
+    }
+
+    async fn source_state(&mut self) -> EndState {
+        if self.src.is_closed() {
+            return EndState::Gone;
+        }
+        match self
+            .src
+            .execute_timeout(&QueryStatus {}, QUERY_TIMEOUT)
+            .await
+        {
+            Ok(s) => EndState::from_status(&s.status),
+            Err(e) if e.is_closed() => EndState::Gone,
+            Err(e) => {
+                warn!(vm = %self.vm(), "query-status on the source: {e}");
+                EndState::Unknown
+            }
         }
     }
 
@@ -1538,6 +1559,7 @@ fn guest_event(ev: &QmpEvent) -> Option<GuestEvent> {
     match ev.name.as_str() {
         "RESET" | "SHUTDOWN" => Some(GuestEvent::ResetOrShutdown),
         "GUEST_PANICKED" | "GUEST_CRASHLOADED" => Some(GuestEvent::Panicked),
+        "RESUME" => Some(GuestEvent::Resumed),
         _ => None,
     }
 }

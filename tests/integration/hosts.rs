@@ -680,3 +680,156 @@ async fn qmigrate_killed_mid_migration_between_hosts_is_adopted_by_name() {
     assert_eq!(run_state(&on_h2).await, "running");
     assert_eq!(run_state_or_gone(&monitor).await, "gone");
 }
+
+/// Cuts the migration stream between the testbed's hosts: every TCP connection of h1 and h2 that is not ssh's
+/// (ssh carries the QMP sessions) is killed in its namespace. Returns how many were cut.
+fn cut_migration_streams(tb: &testbed::Bed) -> usize {
+    let mut cut = 0;
+    for host in ["h1", "h2"] {
+        let ns = format!("{}-{host}", tb.name);
+        let r = run(
+            Command::new("ip").args([
+                "netns", "exec", &ns, "ss", "-K", "-t", "-n", "sport", "!=", ":22", "and", "dport",
+                "!=", ":22",
+            ]),
+            Duration::from_secs(10),
+        );
+        assert_eq!(r.code, Some(0), "{r:?}");
+        cut += r.stdout.lines().filter(|l| l.contains("ESTAB")).count();
+    }
+    cut
+}
+
+/// A postcopy between hosts whose stream is cut once the guest runs on h2: QEMU pauses both ends, qmigrate
+/// recovers over a new connection to h2, and the guest ends up running on h2 only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postcopy_between_hosts_survives_a_cut_stream() {
+    let tb = testbed_up("qmh7", "10.88.0", "100mbit");
+    let mut bed = Bed::new();
+    let (_, monitor) = guest_on(&mut bed, &tb, "h1", "pc", "dirty:128:16").await;
+    let inv = inventory(&tb);
+    let args = [
+        "migrate",
+        "pc",
+        "--inventory",
+        &inv,
+        "--to-host",
+        "h2",
+        "--postcopy",
+        "always",
+        "--json",
+    ];
+    let child = crate::harness::qmigrate_cmd(&args).spawn().unwrap();
+    // The destination's own second monitor (mirrored with h2's tag): the guest runs there in postcopy.
+    let dst_monitor = PathBuf::from(format!("{}.h2", monitor.display()));
+    crate::harness::wait_migration_status(&monitor, "postcopy-active", Duration::from_secs(90))
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while run_state_or_gone(&dst_monitor).await != "running" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination never ran the guest"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        cut_migration_streams(&tb) > 0,
+        "no migration socket was cut"
+    );
+    let run = crate::harness::finish(child, MIGRATE_LIMIT).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "completed", "{r:#}");
+    assert_eq!(r["postcopy"], true, "{r:#}");
+    assert!(!r["recoveries"].as_array().unwrap().is_empty(), "{r:#}");
+    assert_eq!(r["final_state"]["running_copies"], 1, "{r:#}");
+    assert_eq!(
+        run_state(&run_dir(&tb, "h2").join("pc.qmp")).await,
+        "running"
+    );
+    assert_eq!(run_state_or_gone(&monitor).await, "gone");
+}
+
+/// The stream cut right after the source switches to postcopy, while the guest's device state is still on its
+/// way to h2. QEMU was seen here to do one of three things, depending on where the cut lands: pause both ends
+/// (recovered: the guest moves), fail the postcopy on the source and restart the guest there itself while h2
+/// waits paused for a recovery that cannot come (two QEMUs in `running` until qmigrate stops h2), or end h2 on the
+/// failed load while the source pauses (QEMU then neither cancels nor resumes the source: the guest's state stays
+/// in its paused QEMU). In none of them may the guest run twice, and the source QEMU is never killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postcopy_cut_before_the_destination_runs_never_leaves_two_copies() {
+    postcopy_cut_early("qmh8", "10.89.0", Duration::ZERO).await;
+}
+
+/// The same, the cut a second after the source's switch (seen here: QEMU then fails the postcopy on the source
+/// and restarts the guest there itself; qmigrate stops the destination).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postcopy_cut_a_second_after_the_switch_never_leaves_two_copies() {
+    postcopy_cut_early("qmh9", "10.90.0", Duration::from_secs(1)).await;
+}
+
+async fn postcopy_cut_early(name: &'static str, subnet: &'static str, after: Duration) {
+    let tb = testbed_up(name, subnet, "100mbit");
+    let mut bed = Bed::new();
+    let (_, monitor) = guest_on(&mut bed, &tb, "h1", "early", "dirty:64:2").await;
+    let inv = inventory(&tb);
+    let args = [
+        "migrate",
+        "early",
+        "--inventory",
+        &inv,
+        "--to-host",
+        "h2",
+        "--postcopy",
+        "always",
+        "--json",
+    ];
+    let child = crate::harness::qmigrate_cmd(&args).spawn().unwrap();
+    crate::harness::wait_migration_status(&monitor, "postcopy-active", Duration::from_secs(90))
+        .await;
+    tokio::time::sleep(after).await;
+    assert!(
+        cut_migration_streams(&tb) > 0,
+        "no migration socket was cut"
+    );
+    let run = crate::harness::finish(child, MIGRATE_LIMIT).await;
+    let r = run.json();
+    // Checked independently: never two QEMUs running the guest; the source's QEMU is still there.
+    let src = run_state_or_gone(&monitor).await;
+    let dst = run_state_or_gone(&run_dir(&tb, "h2").join("early.qmp")).await;
+    let running = [&src, &dst]
+        .iter()
+        .filter(|s| s.as_str() == "running")
+        .count();
+    assert!(running <= 1, "source {src}, destination {dst}: {r:#}");
+    assert_eq!(r["final_state"]["running_copies"], running, "{r:#}");
+    let outcome = r["outcome"].as_str().unwrap();
+    eprintln!("QEMU's way this time: {outcome}: {}", r["reason"]);
+    match outcome {
+        "completed" => assert_eq!((run.code, dst.as_str()), (0, "running"), "{r:#}"),
+        "rolled-back" => {
+            assert_eq!(
+                (run.code, src.as_str(), dst.as_str()),
+                (6, "running", "gone"),
+                "{r:#}"
+            );
+            assert!(r["phases"].to_string().contains("postcopy-failed"), "{r:#}");
+        }
+        "lost" => {
+            assert_eq!(run.code, 8, "{r:#}");
+            assert!(
+                src != "gone" && src != "running" && dst == "gone",
+                "source {src}, destination {dst}"
+            );
+            assert!(
+                r["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("before the guest ever ran there"),
+                "{r:#}"
+            );
+        }
+        other => panic!("outcome {other}: {r:#}"),
+    }
+}
