@@ -700,17 +700,19 @@ fn cut_migration_streams(tb: &testbed::Bed) -> usize {
     cut
 }
 
-/// A postcopy between hosts whose stream is cut once the guest runs on h2: QEMU pauses both ends, qmigrate
-/// recovers over a new connection to h2, and the guest ends up running on h2 only.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_postcopy_between_hosts_survives_a_cut_stream() {
-    let tb = testbed_up("qmh7", "10.88.0", "100mbit");
-    let mut bed = Bed::new();
-    let (_, monitor) = guest_on(&mut bed, &tb, "h1", "pc", "dirty:128:16").await;
-    let inv = inventory(&tb);
+/// Starts a guest on h1 and `qmigrate migrate NAME --to-host h2 --postcopy always`, and returns (the guest's second
+/// monitor, the running qmigrate) once the source reports postcopy.
+async fn start_postcopy(
+    bed: &mut Bed,
+    tb: &testbed::Bed,
+    name: &str,
+    workload: &str,
+) -> (PathBuf, tokio::process::Child) {
+    let (_, monitor) = guest_on(bed, tb, "h1", name, workload).await;
+    let inv = inventory(tb);
     let args = [
         "migrate",
-        "pc",
+        name,
         "--inventory",
         &inv,
         "--to-host",
@@ -720,10 +722,20 @@ async fn a_postcopy_between_hosts_survives_a_cut_stream() {
         "--json",
     ];
     let child = crate::harness::qmigrate_cmd(&args).spawn().unwrap();
-    // The destination's own second monitor (mirrored with h2's tag): the guest runs there in postcopy.
-    let dst_monitor = PathBuf::from(format!("{}.h2", monitor.display()));
     crate::harness::wait_migration_status(&monitor, "postcopy-active", Duration::from_secs(90))
         .await;
+    (monitor, child)
+}
+
+/// A postcopy between hosts whose stream is cut once the guest runs on h2: QEMU pauses both ends, qmigrate
+/// recovers over a new connection to h2, and the guest ends up running on h2 only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postcopy_between_hosts_survives_a_cut_stream() {
+    let tb = testbed_up("qmh7", "10.88.0", "100mbit");
+    let mut bed = Bed::new();
+    let (monitor, child) = start_postcopy(&mut bed, &tb, "pc", "dirty:128:16").await;
+    // The destination's own second monitor (mirrored with h2's tag): the guest runs there in postcopy.
+    let dst_monitor = PathBuf::from(format!("{}.h2", monitor.display()));
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while run_state_or_gone(&dst_monitor).await != "running" {
         assert!(
@@ -772,22 +784,7 @@ async fn a_postcopy_cut_a_second_after_the_switch_never_leaves_two_copies() {
 async fn postcopy_cut_early(name: &'static str, subnet: &'static str, after: Duration) {
     let tb = testbed_up(name, subnet, "100mbit");
     let mut bed = Bed::new();
-    let (_, monitor) = guest_on(&mut bed, &tb, "h1", "early", "dirty:64:2").await;
-    let inv = inventory(&tb);
-    let args = [
-        "migrate",
-        "early",
-        "--inventory",
-        &inv,
-        "--to-host",
-        "h2",
-        "--postcopy",
-        "always",
-        "--json",
-    ];
-    let child = crate::harness::qmigrate_cmd(&args).spawn().unwrap();
-    crate::harness::wait_migration_status(&monitor, "postcopy-active", Duration::from_secs(90))
-        .await;
+    let (monitor, child) = start_postcopy(&mut bed, &tb, "early", "dirty:64:2").await;
     tokio::time::sleep(after).await;
     assert!(
         cut_migration_streams(&tb) > 0,
