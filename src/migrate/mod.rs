@@ -1308,39 +1308,11 @@ impl<'a> Run<'a> {
     }
 
     async fn source_state(&mut self) -> EndState {
-        if self.src.is_closed() {
-            return EndState::Gone;
-        }
-        match self
-            .src
-            .execute_timeout(&QueryStatus {}, QUERY_TIMEOUT)
-            .await
-        {
-            Ok(s) => EndState::from_status(&s.status),
-            Err(e) if e.is_closed() => EndState::Gone,
-            Err(e) => {
-                warn!(vm = %self.vm(), "query-status on the source: {e}");
-                EndState::Unknown
-            }
-        }
+        end_state(&self.src).await
     }
 
     async fn destination_state(&mut self) -> EndState {
-        if self.dst.is_closed() {
-            return EndState::Gone;
-        }
-        match self
-            .dst
-            .execute_timeout(&QueryStatus {}, QUERY_TIMEOUT)
-            .await
-        {
-            Ok(s) => EndState::from_status(&s.status),
-            Err(e) if e.is_closed() => EndState::Gone,
-            Err(e) => {
-                warn!(destination = %self.dst.label(), "query-status: {e}");
-                EndState::Unknown
-            }
-        }
+        end_state(&self.dst).await
     }
 
     /// `cont` on the source if it is paused. The machine emits this only once the destination is known not to
@@ -1966,18 +1938,31 @@ async fn measure_dirty_rate(src: &Qmp, sample: Duration) -> Option<DirtyRateBefo
     None
 }
 
+/// One end's run state: `Gone` when its QMP connection closed, `Unknown` when it does not answer in time.
+async fn end_state(q: &Qmp) -> EndState {
+    if q.is_closed() {
+        return EndState::Gone;
+    }
+    match q.execute_timeout(&QueryStatus {}, QUERY_TIMEOUT).await {
+        Ok(s) => EndState::from_status(&s.status),
+        Err(e) if e.is_closed() => EndState::Gone,
+        Err(e) => {
+            warn!(qmp = %q.label(), "query-status: {e}");
+            EndState::Unknown
+        }
+    }
+}
+
 /// Reads both ends' run state and counts the running copies.
 async fn final_state(src: &Qmp, dst: &Qmp, completed: bool, guest_shutdown: bool) -> FinalState {
     let state = |q: &Qmp| {
         let q = q.clone();
         async move {
-            if q.is_closed() {
-                return "gone".to_string();
-            }
-            match q.execute_timeout(&QueryStatus {}, QUERY_TIMEOUT).await {
-                Ok(s) => s.status,
-                Err(e) if e.is_closed() => "gone".into(),
-                Err(_) => "unknown".into(),
+            match end_state(&q).await {
+                EndState::Running => "running".to_string(),
+                EndState::NotRunning(s) => s,
+                EndState::Gone => "gone".into(),
+                EndState::Unknown => "unknown".into(),
             }
         }
     };

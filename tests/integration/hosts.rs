@@ -49,6 +49,13 @@ pub fn exec_on(tb: &testbed::Bed, host: &str) -> Vec<String> {
     ]
 }
 
+/// `qmigrate migrate VM --inventory INV --to-host HOST EXTRA…`, to its end.
+pub async fn migrate_to(inv: &str, vm: &str, host: &str, extra: &[&str]) -> crate::harness::Run {
+    let mut args = vec!["migrate", vm, "--inventory", inv, "--to-host", host];
+    args.extend(extra);
+    qmigrate(&args, MIGRATE_LIMIT).await
+}
+
 /// Starts a guest on a testbed host (its namespace and CPU set), ticking on its console every 200 ms, with a
 /// second QMP monitor for the test's own checks while qmigrate holds the first. Returns both sockets.
 async fn guest_on(
@@ -244,19 +251,7 @@ async fn a_dirtying_guest_moves_to_another_host_and_back_over_tls() {
     let on_h2 = run_dir(&tb, "h2").join(format!("{NASTY}.qmp"));
 
     // Plain TCP, h1 → h2, over the shaped link.
-    let run = qmigrate(
-        &[
-            "migrate",
-            NASTY,
-            "--inventory",
-            &inv,
-            "--to-host",
-            "h2",
-            "--json",
-        ],
-        MIGRATE_LIMIT,
-    )
-    .await;
+    let run = migrate_to(&inv, NASTY, "h2", &["--json"]).await;
     assert_eq!(run.code, 0, "{run:?}");
     let r = run.json();
     assert_eq!(r["outcome"], "completed", "{r:#}");
@@ -298,20 +293,7 @@ async fn a_dirtying_guest_moves_to_another_host_and_back_over_tls() {
 
     // Back h2 → h1 over TLS, with certificates made here.
     make_certs(&tb, &[1, 2], &[]);
-    let run = qmigrate(
-        &[
-            "migrate",
-            NASTY,
-            "--inventory",
-            &inv,
-            "--to-host",
-            "h1",
-            "--tls",
-            "--json",
-        ],
-        MIGRATE_LIMIT,
-    )
-    .await;
+    let run = migrate_to(&inv, NASTY, "h1", &["--tls", "--json"]).await;
     assert_eq!(run.code, 0, "{run:?}");
     let r = run.json();
     assert_eq!(r["outcome"], "completed", "{r:#}");
@@ -337,20 +319,7 @@ async fn tls_refuses_a_destination_with_a_certificate_of_another_ca_and_the_gues
     let (on_h1, _) = guest_on(&mut bed, &tb, "h1", "guarded", "dirty:16:2").await;
     make_certs(&tb, &[1, 2], &[2]);
     let inv = inventory(&tb);
-    let run = qmigrate(
-        &[
-            "migrate",
-            "guarded",
-            "--inventory",
-            &inv,
-            "--to-host",
-            "h2",
-            "--tls",
-            "--json",
-        ],
-        MIGRATE_LIMIT,
-    )
-    .await;
+    let run = migrate_to(&inv, "guarded", "h2", &["--tls", "--json"]).await;
     assert_ne!(run.code, 0, "{run:?}");
     // The guest runs on h1 only; no QEMU is left waiting on h2.
     assert_eq!(run_state(&on_h1).await, "running");
@@ -364,19 +333,7 @@ async fn tls_refuses_a_destination_with_a_certificate_of_another_ca_and_the_gues
 
     // Missing certificates are named before anything starts.
     std::fs::remove_file(tb.dir.join("h2/pki/server-key.pem")).unwrap();
-    let run = qmigrate(
-        &[
-            "migrate",
-            "guarded",
-            "--inventory",
-            &inv,
-            "--to-host",
-            "h2",
-            "--tls",
-        ],
-        MIGRATE_LIMIT,
-    )
-    .await;
+    let run = migrate_to(&inv, "guarded", "h2", &["--tls"]).await;
     assert_ne!(run.code, 0, "{run:?}");
     assert!(
         run.stderr.contains("host h2") && run.stderr.contains("server-key.pem"),
@@ -613,19 +570,7 @@ async fn a_destination_starts_from_a_template_of_qemu_configs() {
     )
     .unwrap();
     let inv = inv.display().to_string();
-    let run = qmigrate(
-        &[
-            "migrate",
-            "tmpl",
-            "--inventory",
-            &inv,
-            "--to-host",
-            "h2",
-            "--json",
-        ],
-        MIGRATE_LIMIT,
-    )
-    .await;
+    let run = migrate_to(&inv, "tmpl", "h2", &["--json"]).await;
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.json()["outcome"], "completed", "{run:?}");
     let on_h2 = run_dir(&tb, "h2").join("tmpl.qmp");

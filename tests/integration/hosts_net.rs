@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 use qmigrate::testbed::{BridgeNic, GuestSpec};
 use serde_json::Value;
 
-use crate::harness::{qmigrate, run_state, run_state_or_gone, Bed};
-use crate::hosts::{exec_on, run_dir};
+use crate::harness::{run_state, run_state_or_gone, Bed};
+use crate::hosts::{exec_on, migrate_to, run_dir};
 use crate::testbed::{self, run};
 
-const MIGRATE_LIMIT: Duration = Duration::from_secs(240);
 /// The `web` workload's `/www/file` (scripts/guest/init).
 const FILE_BYTES: usize = 1 << 20;
 
@@ -160,19 +159,7 @@ async fn a_web_guest_moved_to_another_host_stays_reachable_at_its_address() {
     );
 
     let inv = tb.dir.join("inventory.toml").display().to_string();
-    let run = qmigrate(
-        &[
-            "migrate",
-            "web",
-            "--inventory",
-            &inv,
-            "--to-host",
-            "h2",
-            "--json",
-        ],
-        MIGRATE_LIMIT,
-    )
-    .await;
+    let run = migrate_to(&inv, "web", "h2", &["--json"]).await;
     assert!(
         !run.stderr.contains("named tap"),
         "the destination on h2 was mirrored as if on the same host (launch_on_host must call \
