@@ -851,6 +851,18 @@ impl Machine {
             (Phase::RollingBack { .. }, _) => (None, nothing()),
 
             // The migration ended in precopy without moving the guest: stop the destination, then the source.
+            (Phase::Securing { outcome, why: w }, O::Destination(EndState::Gone) | O::DestinationGone)
+                if *outcome == Outcome::Failed && !w.contains("destination") =>
+            {
+                // QEMU on the source may see the stream fail before qmigrate sees the destination die: say why.
+                (
+                    Some(Phase::Done {
+                        outcome: *outcome,
+                        why: Some(format!("{w}: the destination QEMU is gone")),
+                    }),
+                    cmds([C::ResumeSourceIfPaused]),
+                )
+            }
             (Phase::Securing { outcome, why: w }, O::Destination(EndState::Gone | EndState::NotRunning(_)))
             | (Phase::Securing { outcome, why: w }, O::DestinationGone) => (
                 Some(Phase::Done {
@@ -1172,6 +1184,34 @@ mod tests {
                     m.phase
                 ),
             }
+        }
+    }
+
+    /// QEMU on the source may report the failed stream before qmigrate sees the destination die (QEMU 7.2 does):
+    /// the reason still names the destination.
+    #[test]
+    fn a_precopy_failure_names_a_destination_found_gone() {
+        for (obs, names) in [
+            (O::Destination(EndState::Gone), true),
+            (O::DestinationGone, true),
+            (O::Destination(EndState::NotRunning("paused".into())), false),
+        ] {
+            let mut m = Machine::new(Rules::default());
+            m.phase = precopy();
+            m.decide(&st("failed"), s(3));
+            m.decide(&obs, s(4));
+            let (outcome, why) = m.outcome().unwrap();
+            assert_eq!(outcome, Outcome::Failed, "{obs:?}");
+            let why = why.unwrap();
+            assert!(
+                why.starts_with("QEMU reports the migration failed"),
+                "{why}"
+            );
+            assert_eq!(
+                why.contains("the destination QEMU is gone"),
+                names,
+                "{obs:?}: {why}"
+            );
         }
     }
 
