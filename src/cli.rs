@@ -43,6 +43,10 @@ pub enum Command {
     /// Work with an inventory of hosts and VMs.
     #[command(subcommand)]
     Inventory(InventoryCommand),
+    /// Drain a host: live-migrate all its VMs to the inventory's other hosts in the informed order (dirty-memory
+    /// and web VMs first, net-receive VMs last, shortest job first otherwise), journaled and resumable; or move
+    /// them back (--restore).
+    Evacuate(EvacuateArgs),
     /// Print a shell completion script for qmigrate.
     Completions(CompletionsArgs),
     /// Write qmigrate's man pages (one per subcommand) into a directory.
@@ -311,4 +315,52 @@ pub struct DirtyRateArgs {
     /// One JSON object per line instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvacuateArgs {
+    /// The host to drain (or, with --restore, to move the VMs back to).
+    pub host: String,
+    /// The inventory file (TOML; see examples/inventory.toml).
+    #[arg(long)]
+    pub inventory: PathBuf,
+    /// Print the plan (destinations, order, predictions and the reason for each) and move nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Continue the host's last unfinished evacuation or restore from its journal: migrations in flight are taken
+    /// over, moved VMs are not moved again.
+    #[arg(long, conflicts_with = "restore")]
+    pub resume: bool,
+    /// Move back to HOST the VMs an earlier evacuation of it moved away (after maintenance), in the same order
+    /// rules.
+    #[arg(long)]
+    pub restore: bool,
+    /// The order VMs move in: informed (paper 001), fifo (inventory order), sjf (shortest predicted first) or
+    /// random (with --seed).
+    #[arg(long, default_value = "informed")]
+    pub order: String,
+    /// The seed of --order random.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Only these VMs (repeat the flag); default every VM of the host.
+    #[arg(long = "vm")]
+    pub vms: Vec<String>,
+    /// Migrations leaving one host at once.
+    #[arg(long, default_value_t = qmigrate::evacuate::DEFAULT_MAX_OUT)]
+    pub max_out: usize,
+    /// Migrations arriving at one host at once.
+    #[arg(long, default_value_t = qmigrate::evacuate::DEFAULT_MAX_IN)]
+    pub max_in: usize,
+    /// A host's outbound bandwidth budget, split among its migrations (more to one that stalls); default the
+    /// host's NIC capacity from the inventory.
+    #[arg(long)]
+    pub link_budget: Option<String>,
+    /// The journal (default $XDG_STATE_HOME/qmigrate/evacuate-HOST.jsonl).
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
+    /// Encrypt every stream with TLS (QEMU's tls-creds-x509, from each host's tls_dir).
+    #[arg(long)]
+    pub tls: bool,
+    #[command(flatten)]
+    pub tuning: TuningArgs,
 }

@@ -28,6 +28,8 @@ pub enum Exit {
     /// Postcopy paused and could not be recovered within `--recover-for`: both QEMUs are paused and alive;
     /// `qmigrate recover --from A --to B` resumes it.
     Paused = 9,
+    /// An evacuation moved some VMs, and some failed: each failed one runs on its source (the report says which).
+    Partial = 10,
 }
 
 impl From<Exit> for std::process::ExitCode {

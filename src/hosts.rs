@@ -25,6 +25,12 @@ pub enum FindError {
     },
     #[error("VM {name:?} is already on host {host}")]
     AlreadyThere { name: String, host: String },
+    #[error("VM {name:?} on host {host} is being migrated by another qmigrate (pid {holder}); wait for it to finish, or take its migration over with --adopt once it has exited")]
+    Busy {
+        name: String,
+        host: String,
+        holder: String,
+    },
     #[error("VM {name:?} does not answer: {sockets}")]
     Unanswered { name: String, sockets: String },
     #[error("VM {name:?} is on more than one host: {where_}")]
@@ -44,13 +50,20 @@ pub struct VmCheck {
     pub qemu_version: Option<String>,
     pub run_state: Option<String>,
     pub ram_bytes: Option<u64>,
+    pub vcpus: Option<u32>,
     pub migration: Option<String>,
     /// Workload classes from one `stats` round on the VM's host, each with its evidence.
     pub classes: Vec<crate::classify::Label>,
+    /// The figures behind the classes (same round).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub figures: Option<crate::classify::Figures>,
     pub groups: Vec<String>,
     pub anti_affinity: Vec<String>,
     /// What is wrong with this VM (unreachable socket, not QEMU), if anything.
     pub error: Option<String>,
+    /// The pid of the qmigrate migrating it, when its socket does not answer because that qmigrate holds it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_by: Option<String>,
 }
 
 /// One host as found.
@@ -203,15 +216,26 @@ async fn check_vm(
         qemu_version: None,
         run_state: None,
         ram_bytes: None,
+        vcpus: None,
         migration: None,
         classes: Vec::new(),
+        figures: None,
         groups: Vec::new(),
         anti_affinity: Vec::new(),
         error: None,
+        locked_by: None,
     };
     let mut qemu_name = None;
     match link.connect_qmp(socket, opts).await {
-        Err(e) => vm.error = Some(crate::stats::error_chain(&e)),
+        Err(e) => {
+            vm.locked_by = lock_holder(link, socket);
+            vm.error = Some(match &vm.locked_by {
+                Some(pid) => format!(
+                    "being migrated by another qmigrate (pid {pid}), which holds its QMP socket"
+                ),
+                None => crate::stats::error_chain(&e),
+            });
+        }
         Ok(q) => {
             let (a, b, c) = q.greeting().version;
             vm.qemu_version = Some(format!("{a}.{b}.{c}"));
@@ -225,6 +249,11 @@ async fn check_vm(
                 .await
                 .ok()
                 .map(|m| m.base_memory.saturating_add(m.plugged_memory.unwrap_or(0)));
+            vm.vcpus = q
+                .execute(&crate::qmp::stats_types::QueryCpusFast {})
+                .await
+                .ok()
+                .map(|c| c.len() as u32);
             vm.migration = q
                 .execute(&crate::qmp::types::QueryMigrate {})
                 .await
@@ -251,6 +280,19 @@ async fn check_vm(
         vm.anti_affinity = e.anti_affinity.clone();
     }
     vm
+}
+
+/// The pid of the qmigrate holding the lock of the VM at `socket` on `link` (the lock `migrate` takes), if one does.
+pub fn lock_holder(link: &HostLink, socket: &str) -> Option<String> {
+    let taken = if link.is_local() {
+        crate::lock::VmLock::acquire(socket)
+    } else {
+        crate::lock::VmLock::acquire_keyed(&link.label(socket))
+    };
+    match taken {
+        Err(crate::lock::LockError::Held { holder, .. }) => Some(holder),
+        _ => None,
+    }
 }
 
 /// QEMU's `-name`, if it has one.
@@ -357,7 +399,10 @@ async fn check_host(
             match classes_on(link, &live).await {
                 Ok(mut found) => {
                     for v in &mut out.vms {
-                        v.classes = found.remove(&v.socket).unwrap_or_default();
+                        if let Some((labels, figures)) = found.remove(&v.socket) {
+                            v.classes = labels;
+                            v.figures = Some(figures);
+                        }
                     }
                 }
                 Err(note) => out.classes_note = Some(note),
@@ -376,7 +421,7 @@ const CLASSES_INTERVAL: &str = "1s";
 async fn classes_on(
     link: &HostLink,
     sockets: &[String],
-) -> Result<BTreeMap<String, Vec<crate::classify::Label>>, String> {
+) -> Result<BTreeMap<String, (Vec<crate::classify::Label>, crate::classify::Figures)>, String> {
     let snapshot = if link.is_local() {
         let interval = humantime::parse_duration(CLASSES_INTERVAL).expect("a duration");
         let snap =
@@ -417,9 +462,28 @@ async fn classes_on(
         };
         let labels: Vec<crate::classify::Label> =
             serde_json::from_value(classes.clone()).unwrap_or_default();
-        out.insert(socket.to_string(), labels);
+        out.insert(socket.to_string(), (labels, figures_of(&vm["sample"])));
     }
     Ok(out)
+}
+
+/// The figures of a VM's sample as `stats --json` prints it: dirty rate, and the NIC rates summed over NICs.
+fn figures_of(sample: &serde_json::Value) -> crate::classify::Figures {
+    let sum = |key: &str| {
+        sample["nics"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n[key].as_f64())
+            .fold(None, |acc: Option<f64>, v| Some(acc.unwrap_or(0.0) + v))
+    };
+    crate::classify::Figures {
+        dirty_rate_bytes_per_s: sample["dirty_rate"]["bytes_per_s"].as_f64(),
+        cpu_pct: sample["cpu_pct"].as_f64(),
+        net_rx_bytes_per_s: sum("rx_bytes_per_s"),
+        net_tx_bytes_per_s: sum("tx_bytes_per_s"),
+        ..Default::default()
+    }
 }
 
 /// A VM found by name: its host and socket.
@@ -445,6 +509,7 @@ pub async fn find(
     let mut hits = Vec::new();
     let mut found = Vec::new();
     let mut broken = Vec::new();
+    let mut busy = None;
     let mut excluded = None;
     for (link, host) in links.iter().zip(hosts) {
         if let Some(e) = host.error {
@@ -459,6 +524,12 @@ pub async fn find(
                 found.push(format!("{} on {}", v.name, v.host));
             } else if exclude == Some((v.host.as_str(), v.socket.as_str())) {
                 excluded = Some(v.host);
+            } else if let Some(holder) = v.locked_by {
+                busy = Some(FindError::Busy {
+                    name: name.into(),
+                    host: v.host,
+                    holder,
+                });
             } else if let Some(e) = v.error {
                 // A socket nobody answers on (a QEMU that died) is no VM; it is named if nothing else matches.
                 broken.push(format!("{}:{}: {e}", v.host, v.socket));
@@ -470,6 +541,9 @@ pub async fn find(
                 });
             }
         }
+    }
+    if let (0, Some(b)) = (hits.len(), busy) {
+        return Err(b);
     }
     match hits.len() {
         1 => Ok(hits.remove(0)),

@@ -9,6 +9,7 @@
 
 pub mod classify;
 pub mod config;
+pub mod evacuate;
 pub mod exit;
 pub mod hosts;
 pub mod inventory;

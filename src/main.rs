@@ -93,6 +93,7 @@ async fn run(command: cli::Command) -> Exit {
         cli::Command::Serve(a) => serve(&a).await,
         cli::Command::DirtyRate(a) => dirty_rate(&a).await,
         cli::Command::Inventory(cli::InventoryCommand::Check(a)) => inventory_check(&a).await,
+        cli::Command::Evacuate(a) => evacuate(&a).await,
         cli::Command::Completions(a) => {
             use clap::CommandFactory;
             match qmigrate::manpages::write_completions(
@@ -301,6 +302,97 @@ async fn inventory_check(a: &cli::InventoryCheckArgs) -> Exit {
     }
 }
 
+/// `qmigrate evacuate HOST --inventory FILE`: the plan carried out (or printed), the report printed.
+async fn evacuate(a: &cli::EvacuateArgs) -> Exit {
+    let (inv, opts) = match evacuate_options(a) {
+        Ok(x) => x,
+        Err(e) => return fail(&e, Exit::Usage),
+    };
+    let cancel = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(
+        cancel.clone(),
+        "running precopies are cancelled (their VMs stay on their source), postcopies finish, nothing new starts",
+    ));
+    let watcher: Box<dyn qmigrate::evacuate::display::Watcher> = if opts.dry_run {
+        Box::new(qmigrate::evacuate::display::Silent)
+    } else if std::io::stderr().is_terminal() {
+        Box::new(qmigrate::evacuate::display::Bars::new())
+    } else {
+        Box::new(qmigrate::evacuate::display::Lines)
+    };
+    let result = qmigrate::evacuate::run(&inv, &opts, &cancel, watcher.as_ref()).await;
+    drop(watcher);
+    signals.abort();
+    match result {
+        Ok(report) => {
+            if a.tuning.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(s) => println!("{s}"),
+                    Err(e) => return fail(&anyhow::Error::new(e), Exit::Internal),
+                }
+            } else {
+                print!("{}", report.to_table());
+            }
+            report.exit()
+        }
+        Err(e) => {
+            let code = e.exit();
+            fail(&anyhow::Error::new(e), code)
+        }
+    }
+}
+
+fn evacuate_options(
+    a: &cli::EvacuateArgs,
+) -> anyhow::Result<(qmigrate::inventory::Inventory, qmigrate::evacuate::Options)> {
+    use qmigrate::evacuate::Mode;
+    use qmigrate::plan::evacuate::{Order, OrderMode};
+    let inv = qmigrate::inventory::Inventory::load(&a.inventory)?;
+    inv.host(&a.host)?;
+    let order = match a
+        .order
+        .parse::<OrderMode>()
+        .map_err(|e| anyhow::anyhow!("--order: {e}"))?
+    {
+        OrderMode::Informed => Order::Informed,
+        OrderMode::Fifo => Order::Fifo,
+        OrderMode::Sjf => Order::Sjf,
+        OrderMode::Random => Order::Random { seed: a.seed },
+    };
+    if a.max_out == 0 || a.max_in == 0 {
+        anyhow::bail!("--max-out and --max-in must be at least 1");
+    }
+    let link_budget = a
+        .link_budget
+        .as_deref()
+        .map(|b| qmigrate::config::rate_bytes_per_s("link-budget", b))
+        .transpose()?;
+    let mut template = MigrationRequest::new("", Destination::Qmp(String::new()));
+    apply_tuning(&mut template, &a.tuning)?;
+    let opts = qmigrate::evacuate::Options {
+        host: a.host.clone(),
+        mode: match (a.resume, a.restore) {
+            (true, _) => Mode::Resume,
+            (_, true) => Mode::Restore,
+            _ => Mode::Evacuate,
+        },
+        order,
+        only: a.vms.clone(),
+        max_out: a.max_out,
+        max_in: a.max_in,
+        link_budget_bytes_per_s: link_budget,
+        journal: a
+            .journal
+            .clone()
+            .unwrap_or_else(|| qmigrate::evacuate::journal::default_path(&a.host)),
+        dry_run: a.dry_run,
+        tls: a.tls,
+        template,
+        connect: qmigrate::qmp::ConnectOptions::default(),
+    };
+    Ok((inv, opts))
+}
+
 /// `qmigrate migrate VM --inventory FILE --to-host HOST`: the VM found by name, the destination started on HOST.
 async fn inventory_request(
     a: &cli::MigrateArgs,
@@ -324,7 +416,8 @@ async fn inventory_request(
     .await
     .map_err(|e| {
         let code = match e {
-            qmigrate::hosts::FindError::AlreadyThere { .. } => Exit::State,
+            qmigrate::hosts::FindError::AlreadyThere { .. }
+            | qmigrate::hosts::FindError::Busy { .. } => Exit::State,
             _ => Exit::Endpoint,
         };
         (e.into(), code)

@@ -92,6 +92,9 @@ pub struct MigrationRequest {
     pub source_host: Option<Arc<HostLink>>,
     /// The VM's name for reports and logs (default: the source's QMP address).
     pub vm_name: Option<String>,
+    /// New bandwidth caps while the migration runs (an evacuation splitting a link among its migrations): each
+    /// value sent is applied to the source's `max-bandwidth` (and `max-postcopy-bandwidth`) at once.
+    pub bandwidth_updates: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl MigrationRequest {
@@ -118,6 +121,7 @@ impl MigrationRequest {
             connect: ConnectOptions::default(),
             source_host: None,
             vm_name: None,
+            bandwidth_updates: None,
         }
     }
 }
@@ -277,6 +281,17 @@ async fn connect_source(
         None => Qmp::connect(&req.source, opts)
             .await
             .map_err(MigrateError::Source),
+    }
+}
+
+/// The next bandwidth cap sent; `None` once the sender is gone. Pends forever without a channel.
+async fn changed_bandwidth(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Option<u64> {
+    match rx {
+        Some(rx) => match rx.changed().await {
+            Ok(()) => Some(*rx.borrow_and_update()),
+            Err(_) => None,
+        },
+        None => std::future::pending().await,
     }
 }
 
@@ -555,6 +570,8 @@ struct Run<'a> {
     max_throttle: u64,
     /// The private directory of a default UNIX stream, removed with the run.
     stream_dir: Option<tempfile::TempDir>,
+    /// Bandwidth caps sent while the migration runs ([`MigrationRequest::bandwidth_updates`]).
+    bandwidth_updates: Option<tokio::sync::watch::Receiver<u64>>,
     report: MigrationReport,
 }
 
@@ -634,6 +651,7 @@ impl<'a> Run<'a> {
             paused_at: None,
             max_throttle: 0,
             stream_dir,
+            bandwidth_updates: req.bandwidth_updates.clone(),
             report,
         }
     }
@@ -967,6 +985,13 @@ impl<'a> Run<'a> {
                         None
                     }
                 },
+                changed = changed_bandwidth(&mut self.bandwidth_updates) => {
+                    match changed {
+                        Some(b) => self.set_bandwidth(b).await,
+                        None => self.bandwidth_updates = None,
+                    }
+                    continue;
+                }
                 _ = cancel.cancelled(), if !self.interrupted => {
                     self.interrupted = true;
                     Some(Observation::Interrupt)
@@ -1165,6 +1190,26 @@ impl<'a> Run<'a> {
             .last()
             .and_then(|p| p.why.clone())
             .unwrap_or_default()
+    }
+
+    /// A new bandwidth cap for the running migration, on the source.
+    async fn set_bandwidth(&mut self, bandwidth_bytes_per_s: u64) {
+        info!(vm = %self.vm(), bandwidth_bytes_per_s, "bandwidth cap changed");
+        let r = self
+            .src
+            .execute_timeout(
+                &qmp::migrate_set_parameters(qmp::MigrateSetParameters {
+                    max_bandwidth: Some(bandwidth_bytes_per_s),
+                    max_postcopy_bandwidth: Some(bandwidth_bytes_per_s),
+                    ..Default::default()
+                }),
+                QUERY_TIMEOUT,
+            )
+            .await;
+        match r {
+            Ok(_) => self.report.settings.bandwidth_bytes_per_s = bandwidth_bytes_per_s,
+            Err(e) => warn!(vm = %self.vm(), "bandwidth cap not applied: {e}"),
+        }
     }
 
     /// Carries out one ladder action on the source and records it.
@@ -1623,7 +1668,8 @@ impl Launched {
     }
 }
 
-fn is_in_flight(status: &str) -> bool {
+/// Whether a `query-migrate` status says a migration is under way.
+pub fn is_in_flight(status: &str) -> bool {
     !matches!(status, "none" | "completed" | "failed" | "cancelled" | "")
 }
 

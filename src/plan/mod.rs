@@ -5,6 +5,8 @@
 //! - [`scenario`]: the model (hosts, VMs, traffic, tuning) and its validating JSON loader.
 //! - [`model`]: the load-move model, how a migration or balloon change alters the figures.
 //! - [`band`]: paper 000's three-band CPU policy.
+//! - [`budget`]: an evacuation's per-host link budget split among its migrations, more to a stalled one.
+//! - [`evacuate`]: paper 001's informed evacuation plan: destinations by capacity and affinity, the sequence.
 //! - [`hotspot`]: AR(1) hotspot detection, balloon steps and the destination room test shared by idc and sandpiper.
 //! - [`idc`]: paper 004's inter-domain-communication-aware policy.
 //! - [`sandpiper`]: Sandpiper's volume-to-size policy, paper 004's baseline.
@@ -18,6 +20,8 @@ use std::str::FromStr;
 use serde::Serialize;
 
 pub mod band;
+pub mod budget;
+pub mod evacuate;
 pub mod hotspot;
 pub mod idc;
 pub mod model;

@@ -58,7 +58,7 @@ pub async fn migrate_to(inv: &str, vm: &str, host: &str, extra: &[&str]) -> crat
 
 /// Starts a guest on a testbed host (its namespace and CPU set), ticking on its console every 200 ms, with a
 /// second QMP monitor for the test's own checks while qmigrate holds the first. Returns both sockets.
-async fn guest_on(
+pub async fn guest_on(
     bed: &mut Bed,
     tb: &testbed::Bed,
     host: &str,

@@ -21,13 +21,13 @@ use crate::testbed::{self, run};
 const FILE_BYTES: usize = 1 << 20;
 
 /// A guest's NIC on its host's bridge ([`BridgeNic`]) and its address (`qm_ip=`).
-struct GuestNic {
-    nic: BridgeNic,
-    ip: String,
+pub struct GuestNic {
+    pub nic: BridgeNic,
+    pub ip: String,
 }
 
 impl GuestNic {
-    fn new(tb: &testbed::Bed, guest: &str, ip: &str) -> GuestNic {
+    pub fn new(tb: &testbed::Bed, guest: &str, ip: &str) -> GuestNic {
         GuestNic {
             nic: BridgeNic::new(tb.name, guest),
             ip: ip.to_string(),
@@ -49,7 +49,7 @@ impl GuestNic {
 }
 
 /// Starts a guest on a testbed host (its namespace and CPU set) with `nic`, and waits for its workload.
-async fn guest_with_nic(
+pub async fn guest_with_nic(
     bed: &mut Bed,
     tb: &testbed::Bed,
     host: &str,

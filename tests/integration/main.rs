@@ -2,6 +2,7 @@
 //! module per theme. Needs `scripts/build-guest` and `qemu-system-x86_64` (README.md's test command does both).
 
 mod errors;
+mod evacuate;
 mod exactly_once;
 mod guest;
 mod harness;
