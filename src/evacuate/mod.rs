@@ -170,6 +170,8 @@ pub struct VmResult {
     /// The host the guest runs on after it (None: nowhere, or unknown).
     pub running_on: Option<String>,
     pub transferred_bytes: u64,
+    /// Its migration was under way when the run began (a resumed run) and was taken over, not started.
+    pub taken_over: bool,
 }
 
 /// The figures of the whole run.
@@ -764,6 +766,7 @@ fn planned(s: &Step, outcome: &str) -> VmResult {
         reason: None,
         running_on: None,
         transferred_bytes: 0,
+        taken_over: false,
     }
 }
 
@@ -783,6 +786,7 @@ fn unplanned(vm: &str, from: &str, to: &str, outcome: &str) -> VmResult {
         reason: None,
         running_on: None,
         transferred_bytes: 0,
+        taken_over: false,
     }
 }
 
@@ -1082,6 +1086,7 @@ impl<'a> Executor<'a> {
                 r.downtime_ms = report.downtime_ms;
                 r.transferred_bytes = report.transferred_bytes;
                 r.running_on = running_on(&report, step);
+                r.taken_over = report.adopted;
                 if report.final_state.running_copies != 1 && !report.final_state.guest_shutdown {
                     r.outcome = "lost".into();
                 }
