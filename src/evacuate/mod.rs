@@ -172,6 +172,9 @@ pub struct VmResult {
     pub transferred_bytes: u64,
     /// Its migration was under way when the run began (a resumed run) and was taken over, not started.
     pub taken_over: bool,
+    /// The bandwidth caps it was given, in order: its share of its source's link budget at the start, then each
+    /// change as migrations beside it started, ended or stalled.
+    pub bandwidth_caps_bytes_per_s: Vec<u64>,
 }
 
 /// The figures of the whole run.
@@ -767,6 +770,7 @@ fn planned(s: &Step, outcome: &str) -> VmResult {
         running_on: None,
         transferred_bytes: 0,
         taken_over: false,
+        bandwidth_caps_bytes_per_s: Vec::new(),
     }
 }
 
@@ -787,6 +791,7 @@ fn unplanned(vm: &str, from: &str, to: &str, outcome: &str) -> VmResult {
         running_on: None,
         transferred_bytes: 0,
         taken_over: false,
+        bandwidth_caps_bytes_per_s: Vec::new(),
     }
 }
 
@@ -847,6 +852,8 @@ pub fn outcome(vms: &[VmResult], interrupted: bool) -> RunOutcome {
 struct Running {
     step: Step,
     bandwidth: watch::Sender<u64>,
+    /// Every cap sent, the first included.
+    caps: Vec<u64>,
     stalled: bool,
     started_at: Duration,
 }
@@ -1022,14 +1029,16 @@ impl<'a> Executor<'a> {
             Running {
                 step: step.clone(),
                 bandwidth: tx,
+                caps: Vec::new(),
                 stalled: false,
                 started_at: at,
             },
         );
         // The new migration's share, and everyone else's on that link, before it starts.
         self.split_link(&step.from);
-        if let Some(r) = self.running.get(&step.vm) {
+        if let Some(r) = self.running.get_mut(&step.vm) {
             req.bandwidth_bytes_per_s = *r.bandwidth.borrow();
+            r.caps.push(req.bandwidth_bytes_per_s);
         }
         if let Err(e) = self.journal.append(&Record::Start {
             run: self.run,
@@ -1076,6 +1085,7 @@ impl<'a> Executor<'a> {
         self.split_link(&running.step.from);
         let step = &running.step;
         let mut r = planned(step, "failed");
+        r.bandwidth_caps_bytes_per_s = running.caps.clone();
         r.started_at_ms = Some(running.started_at.as_millis() as u64);
         r.completed_at_ms = Some(self.started.elapsed().as_millis() as u64);
         match result {
@@ -1154,9 +1164,9 @@ impl<'a> Executor<'a> {
     /// Splits `host`'s outbound budget among its running migrations.
     fn split_link(&mut self, host: &str) {
         let budget = link_budget(self.inv, self.opts, host);
-        let on_link: Vec<&Running> = self
+        let mut on_link: Vec<&mut Running> = self
             .running
-            .values()
+            .values_mut()
             .filter(|r| r.step.from == host)
             .collect();
         let shares: Vec<Share> = on_link
@@ -1164,10 +1174,14 @@ impl<'a> Executor<'a> {
             .map(|r| Share { stalled: r.stalled })
             .collect();
         let cap = self.opts.template.bandwidth_bytes_per_s;
-        for (r, b) in on_link.iter().zip(budget::split(budget, &shares)) {
+        for (r, b) in on_link.iter_mut().zip(budget::split(budget, &shares)) {
             let b = b.min(cap);
             if *r.bandwidth.borrow() != b {
                 let _ = r.bandwidth.send(b);
+                // A migration not started yet gets its first cap recorded at its start.
+                if !r.caps.is_empty() {
+                    r.caps.push(b);
+                }
             }
         }
     }

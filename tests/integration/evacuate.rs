@@ -396,3 +396,143 @@ async fn an_evacuation_killed_mid_sequence_resumes_without_moving_a_vm_twice() {
     assert_eq!(again.code, 4, "{again:?}");
     assert!(again.stderr.contains("nothing to resume"), "{again:?}");
 }
+
+/// Two migrations at once out of h1 (`--max-out 2`) share its link budget, and QEMU gets each share; a guest that
+/// cannot converge within `--timeout` is cancelled and stays on h1 while the others move: exit 10, "partial".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_migration_does_not_stop_the_others_and_the_link_budget_is_shared() {
+    const MIB: u64 = 1 << 20;
+    let tb = testbed_up("qme3", "10.94.0", "1000mbit");
+    let mut bed = Bed::new();
+    let inv = inventory(&tb);
+    let journal = bed.path("evacuate-h1.jsonl");
+    let j = journal.display().to_string();
+    let (stuck, stuck_monitor) = guest_on(&mut bed, &tb, "h1", "stuck", "dirty:128:64").await;
+    guest_on(&mut bed, &tb, "h1", "a", "idle").await;
+    guest_on(&mut bed, &tb, "h1", "b", "idle").await;
+    let args = [
+        "evacuate",
+        "h1",
+        "--inventory",
+        &inv,
+        "--journal",
+        &j,
+        "--json",
+        "--max-out",
+        "2",
+        "--link-budget",
+        "40MiB/s",
+        "--timeout",
+        "15s",
+        "--auto-converge",
+        "off",
+        "--max-downtime",
+        "300ms",
+    ];
+    let mut child = crate::harness::qmigrate_cmd(&args)
+        .spawn()
+        .expect("run qmigrate");
+    // While stuck and another run, QEMU caps stuck at its share of the budget, below the whole of it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut shares = Vec::new();
+    while tokio::time::Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        if crate::harness::migration_status(&stuck_monitor).await == "active" {
+            let p = crate::harness::qmp_raw(&stuck_monitor, "query-migrate-parameters").await;
+            let cap = p["max-bandwidth"].as_u64().unwrap_or(0);
+            shares.push(cap);
+            if cap < 40 * MIB {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let run = crate::harness::finish(child, EVACUATE_LIMIT).await;
+    assert!(
+        shares.iter().any(|c| *c < 40 * MIB && *c >= MIB),
+        "caps seen by QEMU: {shares:?}\n{run:?}"
+    );
+    assert_eq!(run.code, 10, "{run:?}");
+    let r = run.json();
+    assert_eq!(r["outcome"], "partial", "{r:#}");
+    assert_eq!(vm(&r, "stuck")["outcome"], "cancelled", "{r:#}");
+    assert_eq!(vm(&r, "stuck")["running_on"], "h1", "{r:#}");
+    for g in ["a", "b"] {
+        assert_eq!(vm(&r, g)["outcome"], "completed", "{g}: {r:#}");
+    }
+    // Every cap within the budget; a migration that ran beside another got less than the whole.
+    let caps: Vec<u64> = r["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|v| v["bandwidth_caps_bytes_per_s"].as_array().unwrap().clone())
+        .map(|c| c.as_u64().unwrap())
+        .collect();
+    assert!(caps.iter().all(|c| *c <= 40 * MIB), "{caps:?}");
+    assert!(caps.iter().any(|c| *c < 40 * MIB), "{caps:?}");
+    // Checked on every host: stuck still runs on h1 only, a and b on h2 or h3 only.
+    let after = running_on(&tb, &["stuck", "a", "b"]).await;
+    assert_eq!(after["stuck"], ["h1"], "{after:?}");
+    assert_eq!(crate::harness::run_state(&stuck).await, "running");
+    for g in ["a", "b"] {
+        assert_eq!(after[g].len(), 1, "{g}: {after:?}");
+        assert_ne!(after[g][0], "h1", "{g}: {after:?}");
+    }
+}
+
+/// Bad input and impossible evacuations: each a clear error naming what is wrong, a non-zero exit, nothing moved.
+/// Two local hosts (no testbed needed); the second has no room for the first's guest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_and_an_impossible_evacuation_are_refused_before_anything_moves() {
+    let mut bed = Bed::new();
+    let root = bed.path("hosts");
+    for h in ["a", "b"] {
+        std::fs::create_dir_all(root.join(h)).unwrap();
+    }
+    let guest = bed
+        .source_with("g1", "idle", |spec| spec.run_dir = root.join("a"))
+        .await;
+    let inv = bed.path("inventory.toml");
+    let host = |name: &str, memory: &str| {
+        format!(
+            "[hosts.{name}]\ntransport = \"local\"\nqmp = \"{dir}/*.qmp\"\nruntime_dir = \"{dir}\"\n\
+             migration_address = \"127.0.0.1\"\ncapacity = {{ vcpus = 4, memory = \"{memory}\", nic = \"1Gbit/s\" }}\n\n",
+            dir = root.join(name).display()
+        )
+    };
+    std::fs::write(&inv, host("a", "4GiB") + &host("b", "64MiB")).unwrap();
+    let inv = inv.display().to_string();
+    let journal = bed.path("j.jsonl").display().to_string();
+    let limit = Duration::from_secs(120);
+    #[rustfmt::skip]
+    let cases: Vec<(Vec<&str>, i32, &str)> = vec![
+        (vec!["evacuate", "nohost", "--inventory", &inv], 2, "nohost"),
+        (vec!["evacuate", "a", "--inventory", "/nonexistent/inv.toml"], 2, "/nonexistent/inv.toml"),
+        (vec!["evacuate", "a", "--inventory", &inv, "--order", "bogus"], 2, "unknown order \"bogus\""),
+        (vec!["evacuate", "a", "--inventory", &inv, "--max-out", "0"], 2, "--max-out"),
+        (vec!["evacuate", "a", "--inventory", &inv, "--link-budget", "fast"], 2, "link-budget"),
+        (vec!["evacuate", "a", "--inventory", &inv, "--journal", &journal, "--resume"], 4, "nothing to resume for host a"),
+        (vec!["evacuate", "a", "--inventory", &inv, "--journal", &journal, "--vm", "ghost", "--dry-run"], 4, "VM ghost: not found on host a"),
+        (vec!["evacuate", "a", "--inventory", &inv, "--journal", &journal, "--dry-run"], 4, "no room for VM g1"),
+        (vec!["evacuate", "a", "--inventory", &inv, "--journal", &journal], 4, "b: 64.0 MiB free of memory, needs 256.0 MiB"),
+    ];
+    for (args, code, says) in cases {
+        let run = qmigrate(&args, limit).await;
+        assert_eq!(run.code, code, "{args:?}: {run:?}");
+        assert!(
+            run.stderr.contains(says),
+            "{args:?}: wanted {says:?} in {run:?}"
+        );
+        assert_eq!(
+            crate::harness::run_state(&guest).await,
+            "running",
+            "{args:?}"
+        );
+    }
+    // The refused evacuation moved nothing and journaled no start.
+    let records = journal_records(Path::new(&journal));
+    assert!(
+        !records.iter().any(|r| r["event"] == "start"),
+        "{records:#?}"
+    );
+    assert!(!root.join("b").join("g1.qmp").exists());
+}
