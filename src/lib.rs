@@ -5,6 +5,8 @@
 //! - [`stats`]: sampling VMs and the host over QMP and `/proc` (one round, many VMs at once) and per-metric time
 //!   series with windowed averages and AR(1) predictions.
 //! - [`classify`]: PURE workload classes (dirty-memory, web, net-receive, cpu, disk-io, idle) with their evidence.
+//! - [`evacuate`]: draining a host (`qmigrate evacuate`): survey, plan, limited concurrent migrations, the journal
+//!   that resumes a killed run and restores the host afterwards.
 //! - [`top`]: the live terminal view of VMs and host (`qmigrate top`): PURE rows, sort, keys and drawing; the I/O loop.
 
 pub mod classify;

@@ -755,22 +755,10 @@ pub fn moved(outcome: &str) -> bool {
 
 fn planned(s: &Step, outcome: &str) -> VmResult {
     VmResult {
-        vm: s.vm.clone(),
         classes: s.classes.clone(),
         position: s.position,
-        from: s.from.clone(),
-        to: s.to.clone(),
         predicted_ms: s.predicted.as_millis() as u64,
-        actual_ms: None,
-        downtime_ms: None,
-        started_at_ms: None,
-        completed_at_ms: None,
-        outcome: outcome.into(),
-        reason: None,
-        running_on: None,
-        transferred_bytes: 0,
-        taken_over: false,
-        bandwidth_caps_bytes_per_s: Vec::new(),
+        ..unplanned(&s.vm, &s.from, &s.to, outcome)
     }
 }
 

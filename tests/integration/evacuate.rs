@@ -96,6 +96,21 @@ impl Drop for Load {
     }
 }
 
+/// `qmigrate evacuate h1 --inventory INV --journal J --json EXTRA…`, to its end.
+async fn evacuate_h1(inv: &str, journal: &str, extra: &[&str]) -> crate::harness::Run {
+    let mut args = vec![
+        "evacuate",
+        "h1",
+        "--inventory",
+        inv,
+        "--journal",
+        journal,
+        "--json",
+    ];
+    args.extend(extra);
+    qmigrate(&args, EVACUATE_LIMIT).await
+}
+
 fn vm<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["vms"]
         .as_array()
@@ -146,20 +161,7 @@ async fn evacuating_a_host_of_mixed_guests_in_the_informed_order_then_restoring_
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // The plan, with its reasons; nothing moves.
-    let dry = qmigrate(
-        &[
-            "evacuate",
-            "h1",
-            "--inventory",
-            &inv,
-            "--journal",
-            &j,
-            "--dry-run",
-            "--json",
-        ],
-        EVACUATE_LIMIT,
-    )
-    .await;
+    let dry = evacuate_h1(&inv, &j, &["--dry-run"]).await;
     assert_eq!(dry.code, 0, "{dry:?}");
     let plan = dry.json();
     assert_eq!(plan["outcome"], "planned", "{plan:#}");
@@ -172,21 +174,7 @@ async fn evacuating_a_host_of_mixed_guests_in_the_informed_order_then_restoring_
     let before = running_on(&tb, &guests).await;
     assert!(before.values().all(|h| h == &["h1"]), "{before:?}");
 
-    let run = qmigrate(
-        &[
-            "evacuate",
-            "h1",
-            "--inventory",
-            &inv,
-            "--journal",
-            &j,
-            "--json",
-            "--timeout",
-            "240s",
-        ],
-        EVACUATE_LIMIT,
-    )
-    .await;
+    let run = evacuate_h1(&inv, &j, &["--timeout", "240s"]).await;
     assert_eq!(run.code, 0, "{run:?}");
     let r = run.json();
     eprintln!("{}", serde_json::to_string_pretty(&r["vms"]).unwrap());
@@ -228,22 +216,7 @@ async fn evacuating_a_host_of_mixed_guests_in_the_informed_order_then_restoring_
     assert_eq!(records.last().unwrap()["event"], "finish", "{records:#?}");
 
     // After maintenance: back where they came from.
-    let back = qmigrate(
-        &[
-            "evacuate",
-            "h1",
-            "--restore",
-            "--inventory",
-            &inv,
-            "--journal",
-            &j,
-            "--json",
-            "--timeout",
-            "240s",
-        ],
-        EVACUATE_LIMIT,
-    )
-    .await;
+    let back = evacuate_h1(&inv, &j, &["--restore", "--timeout", "240s"]).await;
     assert_eq!(back.code, 0, "{back:?}");
     let b = back.json();
     assert_eq!(b["kind"], "restore", "{b:#}");
@@ -251,20 +224,7 @@ async fn evacuating_a_host_of_mixed_guests_in_the_informed_order_then_restoring_
     let home = running_on(&tb, &guests).await;
     assert!(home.values().all(|h| h == &["h1"]), "{home:?}\n{b:#}");
     // Nothing left to restore.
-    let again = qmigrate(
-        &[
-            "evacuate",
-            "h1",
-            "--restore",
-            "--inventory",
-            &inv,
-            "--journal",
-            &j,
-            "--json",
-        ],
-        EVACUATE_LIMIT,
-    )
-    .await;
+    let again = evacuate_h1(&inv, &j, &["--restore"]).await;
     assert_eq!(again.code, 0, "{again:?}");
     assert_eq!(again.json()["outcome"], "nothing-to-do", "{again:?}");
 }
@@ -329,22 +289,7 @@ async fn an_evacuation_killed_mid_sequence_resumes_without_moving_a_vm_twice() {
         "{records:#?}"
     );
 
-    let resumed = qmigrate(
-        &[
-            "evacuate",
-            "h1",
-            "--resume",
-            "--inventory",
-            &inv,
-            "--journal",
-            &j,
-            "--json",
-            "--timeout",
-            "240s",
-        ],
-        EVACUATE_LIMIT,
-    )
-    .await;
+    let resumed = evacuate_h1(&inv, &j, &["--resume", "--timeout", "240s"]).await;
     assert_eq!(resumed.code, 0, "{resumed:?}");
     let r = resumed.json();
     eprintln!("{}", serde_json::to_string_pretty(&r["vms"]).unwrap());
@@ -380,19 +325,7 @@ async fn an_evacuation_killed_mid_sequence_resumes_without_moving_a_vm_twice() {
         assert_eq!(moves, 1, "{g}: {records:#?}");
     }
     // Nothing left to resume.
-    let again = qmigrate(
-        &[
-            "evacuate",
-            "h1",
-            "--resume",
-            "--inventory",
-            &inv,
-            "--journal",
-            &j,
-        ],
-        EVACUATE_LIMIT,
-    )
-    .await;
+    let again = evacuate_h1(&inv, &j, &["--resume"]).await;
     assert_eq!(again.code, 4, "{again:?}");
     assert!(again.stderr.contains("nothing to resume"), "{again:?}");
 }
