@@ -180,6 +180,12 @@ impl Journal {
             }
             Err((_, errno)) => return Err(io_error("lock", path)(errno.into())),
         };
+        // The new file's directory entry on disk too, so that a crash cannot lose the journal itself.
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_error("sync the directory of", path))?;
+        }
         // Only read when the lock is refused: a stale file is harmless.
         let _ = std::fs::write(pid_path(path), std::process::id().to_string());
 
