@@ -361,6 +361,10 @@ pub struct EvacuateArgs {
     /// Encrypt every stream with TLS (QEMU's tls-creds-x509, from each host's tls_dir).
     #[arg(long)]
     pub tls: bool,
+    /// Bound on reaching a VM's QMP socket (over ssh: the login too) and on each QMP command; raise it for hosts
+    /// that answer slowly under load.
+    #[arg(long, default_value = "5s")]
+    pub command_timeout: String,
     #[command(flatten)]
     pub tuning: TuningArgs,
 }

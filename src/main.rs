@@ -369,6 +369,16 @@ fn evacuate_options(
         .transpose()?;
     let mut template = MigrationRequest::new("", Destination::Qmp(String::new()));
     apply_tuning(&mut template, &a.tuning)?;
+    let timeout = qmigrate::config::duration("command-timeout", &a.command_timeout)?;
+    if timeout.is_zero() {
+        anyhow::bail!("--command-timeout must be more than zero");
+    }
+    let connect = qmigrate::qmp::ConnectOptions {
+        handshake_timeout: timeout,
+        command_timeout: timeout,
+        ..Default::default()
+    };
+    template.connect = connect.clone();
     let opts = qmigrate::evacuate::Options {
         host: a.host.clone(),
         mode: match (a.resume, a.restore) {
@@ -388,7 +398,7 @@ fn evacuate_options(
         dry_run: a.dry_run,
         tls: a.tls,
         template,
-        connect: qmigrate::qmp::ConnectOptions::default(),
+        connect,
     };
     Ok((inv, opts))
 }

@@ -332,6 +332,15 @@ pub async fn run(
                 .map(|e| format!("host {} left out: {e}", h.name))
         })
         .collect();
+    // Without classes the informed order is shortest-job-first alone, and non-sharable classes are not seen: say so.
+    notes.extend(check.hosts.iter().filter_map(|h| {
+        h.classes_note.as_ref().map(|n| {
+            format!(
+                "host {}: no classes, the plan is made without them: {n}",
+                h.name
+            )
+        })
+    }));
     let prepared = match opts.mode {
         Mode::Evacuate => prepare_evacuation(inv, opts, &check, &mut notes)?,
         Mode::Restore => prepare_restore(inv, opts, &check, &history, &mut notes)?,

@@ -443,6 +443,7 @@ async fn bad_input_and_an_impossible_evacuation_are_refused_before_anything_move
         (vec!["evacuate", "a", "--inventory", &inv, "--order", "bogus"], 2, "unknown order \"bogus\""),
         (vec!["evacuate", "a", "--inventory", &inv, "--max-out", "0"], 2, "--max-out"),
         (vec!["evacuate", "a", "--inventory", &inv, "--link-budget", "fast"], 2, "link-budget"),
+        (vec!["evacuate", "a", "--inventory", &inv, "--command-timeout", "0s"], 2, "--command-timeout"),
         (vec!["evacuate", "a", "--inventory", &inv, "--journal", &journal, "--resume"], 4, "nothing to resume for host a"),
         (vec!["evacuate", "a", "--inventory", &inv, "--journal", &journal, "--vm", "ghost", "--dry-run"], 4, "VM ghost: not found on host a"),
         (vec!["evacuate", "a", "--inventory", &inv, "--journal", &journal, "--dry-run"], 4, "no room for VM g1"),
