@@ -539,17 +539,7 @@ async fn migrate_with_progress(
     let bar = std::io::stderr().is_terminal().then(progress_bar);
     let on_progress = |p: &Progress| {
         if let Some(bar) = &bar {
-            bar.set_length(p.total_bytes.max(1));
-            bar.set_position(p.total_bytes.saturating_sub(p.remaining_bytes));
-            bar.set_message(format!(
-                "{} pass {} · {}/s · dirty {}/s · throttle {}% · downtime limit {}ms",
-                p.status,
-                p.pass,
-                bytesize::ByteSize(p.throughput_bytes_per_s as u64).to_string_as(true),
-                bytesize::ByteSize(p.dirty_rate_bytes_per_s as u64).to_string_as(true),
-                p.throttle_pct,
-                p.downtime_limit.as_millis()
-            ));
+            qmigrate::evacuate::display::show(bar, p);
         }
     };
     let result = migrate::migrate(req, &cancel, &on_progress).await;

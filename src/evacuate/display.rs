@@ -1,4 +1,4 @@
-//! What an evacuation shows while it runs: one line per running migration and an overall bar on a terminal
+//! What a migration and an evacuation show while they run: one line per running migration and an overall bar on a terminal
 //! (indicatif multi-progress), or one log line per event otherwise. The executor only calls a [`Watcher`].
 
 use std::collections::BTreeMap;
@@ -149,21 +149,109 @@ impl Watcher for Bars {
     fn progress(&self, vm: &str, p: &Progress) {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(bar) = running.get(vm) {
-            bar.set_length(p.total_bytes.max(1));
-            bar.set_position(p.total_bytes.saturating_sub(p.remaining_bytes));
-            bar.set_message(format!(
-                "{} pass {} · {}/s · dirty {}/s",
-                p.status,
-                p.pass,
-                bytesize::ByteSize(p.throughput_bytes_per_s as u64).to_string_as(true),
-                bytesize::ByteSize(p.dirty_rate_bytes_per_s as u64).to_string_as(true),
-            ));
+            show(bar, p);
         }
     }
+}
+
+/// One migration's progress on its bar: bytes sent of the RAM, and the figures the ladder looks at.
+pub fn show(bar: &ProgressBar, p: &Progress) {
+    bar.set_length(p.total_bytes.max(1));
+    bar.set_position(p.total_bytes.saturating_sub(p.remaining_bytes));
+    bar.set_message(format!(
+        "{} pass {} · {}/s · dirty {}/s · throttle {}% · downtime limit {}ms",
+        p.status,
+        p.pass,
+        bytesize::ByteSize(p.throughput_bytes_per_s as u64).to_string_as(true),
+        bytesize::ByteSize(p.dirty_rate_bytes_per_s as u64).to_string_as(true),
+        p.throttle_pct,
+        p.downtime_limit.as_millis()
+    ));
 }
 
 impl Drop for Bars {
     fn drop(&mut self) {
         self.overall.finish_and_clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(remaining: u64) -> Progress {
+        Progress {
+            elapsed: Duration::from_secs(1),
+            status: "active".into(),
+            pass: 1,
+            total_bytes: 100,
+            remaining_bytes: remaining,
+            transferred_bytes: 100 - remaining,
+            throughput_bytes_per_s: 10.0,
+            dirty_rate_bytes_per_s: 1.0,
+            throttle_pct: 0,
+            downtime_limit: Duration::from_millis(300),
+        }
+    }
+
+    /// The bars follow the events: a bar per running migration, gone when it ends; the overall bar counts the
+    /// moved VMs only.
+    #[test]
+    fn bars_follow_the_events() {
+        let bars = Bars::new();
+        bars.multi.set_draw_target(ProgressDrawTarget::hidden());
+        bars.event(&Event::Planned { moves: 2 });
+        for vm in ["a", "b"] {
+            bars.event(&Event::Started {
+                position: 1,
+                vm,
+                from: "h1",
+                to: "h2",
+            });
+        }
+        bars.progress("a", &progress(40));
+        bars.progress("nobody", &progress(40));
+        let bar_a = bars.running.lock().unwrap()["a"].clone();
+        assert_eq!((bar_a.length(), bar_a.position()), (Some(100), 60));
+        assert!(
+            bar_a.message().contains("active pass 1"),
+            "{}",
+            bar_a.message()
+        );
+        bars.event(&Event::Ended {
+            vm: "a",
+            outcome: "completed",
+            took: Duration::from_secs(3),
+            reason: None,
+        });
+        bars.event(&Event::Ended {
+            vm: "b",
+            outcome: "failed",
+            took: Duration::from_secs(3),
+            reason: Some("QEMU reports the migration failed"),
+        });
+        assert!(bars.running.lock().unwrap().is_empty());
+        assert_eq!(
+            (bars.overall.position(), bars.overall.length()),
+            (1, Some(2))
+        );
+    }
+
+    #[test]
+    fn lines_name_the_vm_and_the_outcome() {
+        let l = line(&Event::Ended {
+            vm: "web",
+            outcome: "cancelled",
+            took: Duration::from_millis(12_340),
+            reason: Some("timeout"),
+        });
+        assert_eq!(l, "web: cancelled after 12.3 s (timeout)");
+        let l = line(&Event::Started {
+            position: 2,
+            vm: "web",
+            from: "h1",
+            to: "h3",
+        });
+        assert_eq!(l, "[2] web: h1 -> h3: started");
     }
 }
