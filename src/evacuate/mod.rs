@@ -576,10 +576,7 @@ fn prepare_restore(
         }
         let found = survey::where_is(check, &vm);
         match found.as_slice() {
-            [(h, v)] if *h == opts.host => {
-                notes.push(format!("VM {vm} is on {h} already"));
-                let _ = v;
-            }
+            [(h, _)] if *h == opts.host => notes.push(format!("VM {vm} is on {h} already")),
             [(h, v)] => {
                 if *h != now_on {
                     notes.push(format!(
@@ -759,7 +756,7 @@ fn prepare_resume(
 
 /// Whether a journal or report outcome means the guest now runs at its destination.
 pub fn moved(outcome: &str) -> bool {
-    matches!(outcome, "completed" | "adopted" | "moved-earlier")
+    journal::is_moved(outcome) || outcome == "moved-earlier"
 }
 
 fn planned(s: &Step, outcome: &str) -> VmResult {
@@ -1087,7 +1084,7 @@ impl<'a> Executor<'a> {
         r.completed_at_ms = Some(self.started.elapsed().as_millis() as u64);
         match result {
             Ok(report) => {
-                r.outcome = outcome_name(report.outcome).into();
+                r.outcome = crate::report::outcome_name(report.outcome).into();
                 r.reason = report.reason.clone();
                 r.actual_ms = Some(report.total_time_ms);
                 r.downtime_ms = report.downtime_ms;
@@ -1196,17 +1193,6 @@ impl ProgressSink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(self.vm.clone(), p.clone());
-    }
-}
-
-fn outcome_name(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Completed => "completed",
-        Outcome::Cancelled => "cancelled",
-        Outcome::Failed => "failed",
-        Outcome::RolledBack => "rolled-back",
-        Outcome::Paused => "paused",
-        Outcome::Lost => "lost",
     }
 }
 
