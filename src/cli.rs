@@ -121,9 +121,41 @@ pub struct TuningArgs {
     /// `qmigrate recover`.
     #[arg(long, default_value = "5m")]
     pub recover_for: String,
+    /// The ceiling of the vCPU throttle escalation may apply, in percent (1-99). Throttling that reaches its
+    /// ceiling and leaves the dirty rate where it was is abandoned for the next rung at once.
+    #[arg(long, default_value_t = 99)]
+    pub max_throttle: u8,
+    /// Do not start a migration forecast not to complete within --timeout with the rungs allowed (exit 11); the
+    /// message names the flags that would make it complete. Without it the forecast is a warning.
+    #[arg(long)]
+    pub refuse_hopeless: bool,
+    /// Where what each migration teaches about its VM and link is remembered, for the next prediction
+    /// (default: $QMIGRATE_CALIBRATION, else $XDG_STATE_HOME/qmigrate/calibration.json, else
+    /// ~/.local/state/qmigrate/calibration.json).
+    #[arg(long, conflicts_with = "no_calibration")]
+    pub calibration: Option<PathBuf>,
+    /// Neither read nor write the calibration file.
+    #[arg(long)]
+    pub no_calibration: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Watching one migration more closely (`migrate`, `demo`).
+#[derive(Debug, clap::Args)]
+pub struct ObserveArgs {
+    /// Draw the migration (remaining bytes, throughput, dirty rate, throttle; passes and escalations marked) as
+    /// an SVG into this file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub timeline: Option<PathBuf>,
+    /// Measure the downtime as the guest's clients see it: a TCP connect to this address every 10 ms
+    /// (tcp:HOST:PORT; a refused connection counts as reachable). Both figures go in the report.
+    #[arg(long, value_name = "tcp:HOST:PORT")]
+    pub probe: Option<String>,
+    /// Probe from inside this network namespace (a name under /run/netns, or a path).
+    #[arg(long, requires = "probe")]
+    pub probe_netns: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,6 +199,8 @@ pub struct MigrateArgs {
     pub adopt: bool,
     #[command(flatten)]
     pub tuning: TuningArgs,
+    #[command(flatten)]
+    pub observe: ObserveArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -221,6 +255,8 @@ pub struct DemoArgs {
     pub accel: String,
     #[command(flatten)]
     pub tuning: TuningArgs,
+    #[command(flatten)]
+    pub observe: ObserveArgs,
 }
 
 #[derive(Debug, clap::Args)]

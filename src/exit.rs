@@ -30,6 +30,9 @@ pub enum Exit {
     Paused = 9,
     /// An evacuation moved some VMs, and some failed: each failed one runs on its source (the report says which).
     Partial = 10,
+    /// `--refuse-hopeless`: the forecast said the migration cannot complete within `--timeout` with the rungs
+    /// allowed; nothing was started, and the message names the flags that would make it complete.
+    Hopeless = 11,
 }
 
 impl From<Exit> for std::process::ExitCode {

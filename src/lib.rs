@@ -9,10 +9,12 @@
 //!   that resumes a killed run and restores the host afterwards.
 //! - [`top`]: the live terminal view of VMs and host (`qmigrate top`): PURE rows, sort, keys and drawing; the I/O loop.
 
+pub mod calibrate;
 pub mod classify;
 pub mod config;
 pub mod evacuate;
 pub mod exit;
+pub mod guestmem;
 pub mod hosts;
 pub mod inventory;
 pub mod launch;
@@ -21,10 +23,12 @@ pub mod manpages;
 pub mod migrate;
 pub mod plan;
 pub mod predict;
+pub mod probe;
 pub mod qmp;
 pub mod remote;
 pub mod report;
 pub mod stats;
 pub mod testbed;
 pub mod text;
+pub mod timeline;
 pub mod top;

@@ -51,14 +51,14 @@ async fn run(command: cli::Command) -> Exit {
                 Ok(r) => r,
                 Err((e, code)) => return fail(&e, code),
             };
-            run_migration(&req, a.tuning.json).await
+            run_migration(&req, a.tuning.json, a.observe.timeline.as_deref()).await
         }
         cli::Command::Migrate(a) => {
             let req = match migrate_request(&a) {
                 Ok(r) => r,
                 Err(e) => return fail(&e, Exit::Usage),
             };
-            run_migration(&req, a.tuning.json).await
+            run_migration(&req, a.tuning.json, a.observe.timeline.as_deref()).await
         }
         cli::Command::Recover(a) => {
             let req = match takeover_request(&a.from, &a.to, a.uri.as_deref(), Takeover::Recover)
@@ -69,14 +69,14 @@ async fn run(command: cli::Command) -> Exit {
                 Ok(r) => r,
                 Err(e) => return fail(&e, Exit::Usage),
             };
-            run_migration(&req, a.json).await
+            run_migration(&req, a.json, None).await
         }
         cli::Command::Cancel(a) => {
             let req = match takeover_request(&a.from, &a.to, None, Takeover::Cancel) {
                 Ok(r) => r,
                 Err(e) => return fail(&e, Exit::Usage),
             };
-            run_migration(&req, a.json).await
+            run_migration(&req, a.json, None).await
         }
         cli::Command::Demo(a) => demo(&a).await,
         cli::Command::Simulate(s) => {
@@ -458,6 +458,7 @@ async fn inventory_request(
         req.takeover = Takeover::Adopt;
     }
     apply_tuning(&mut req, &a.tuning).map_err(usage)?;
+    apply_observe(&mut req, &a.observe).map_err(usage)?;
     Ok(req)
 }
 
@@ -479,6 +480,7 @@ fn migrate_request(a: &cli::MigrateArgs) -> anyhow::Result<MigrationRequest> {
         req.takeover = Takeover::Adopt;
     }
     apply_tuning(&mut req, &a.tuning)?;
+    apply_observe(&mut req, &a.observe)?;
     Ok(req)
 }
 
@@ -513,13 +515,79 @@ fn apply_tuning(req: &mut MigrationRequest, t: &cli::TuningArgs) -> anyhow::Resu
     req.dirty_rate_sample = (!sample.is_zero()).then_some(sample);
     req.verify_window = config::duration("verify", &t.verify)?;
     req.recover_for = config::duration("recover-for", &t.recover_for)?;
+    if !(1..=99).contains(&t.max_throttle) {
+        anyhow::bail!(
+            "--max-throttle {}: must be a percentage from 1 to 99",
+            t.max_throttle
+        );
+    }
+    l.max_throttle_pct = t.max_throttle;
+    req.refuse_hopeless = t.refuse_hopeless;
+    req.calibration = if t.no_calibration {
+        None
+    } else {
+        t.calibration
+            .clone()
+            .or_else(qmigrate::calibrate::default_path)
+    };
     Ok(())
 }
 
+/// `--probe`, `--probe-netns` and `--timeline`, checked before anything starts.
+fn apply_observe(req: &mut MigrationRequest, o: &cli::ObserveArgs) -> anyhow::Result<()> {
+    if let Some(target) = &o.probe {
+        let target: qmigrate::probe::Target = target
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--probe {target}: {e}"))?;
+        let netns = o.probe_netns.as_ref().map(|n| {
+            if n.contains('/') {
+                std::path::PathBuf::from(n)
+            } else {
+                std::path::Path::new("/run/netns").join(n)
+            }
+        });
+        if let Some(ns) = &netns {
+            if !ns.exists() {
+                anyhow::bail!("--probe-netns {}: no such network namespace", ns.display());
+            }
+        }
+        req.probe = Some(qmigrate::probe::ProbeSettings {
+            netns,
+            ..qmigrate::probe::ProbeSettings::new(target)
+        });
+    }
+    if let Some(path) = &o.timeline {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.is_some_and(|d| !d.is_dir()) {
+            anyhow::bail!(
+                "--timeline {}: the directory does not exist",
+                path.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Writes `--timeline` once the report is in; a failure is said and does not change the exit status.
+fn write_timeline(report: &MigrationReport, path: Option<&std::path::Path>) {
+    if let Some(path) = path {
+        if let Err(e) = qmigrate::timeline::write(path, report) {
+            eprintln!("warning: {e}");
+        }
+    }
+}
+
 /// Runs one migration and prints its report.
-async fn run_migration(req: &MigrationRequest, json: bool) -> Exit {
+async fn run_migration(
+    req: &MigrationRequest,
+    json: bool,
+    timeline: Option<&std::path::Path>,
+) -> Exit {
     match migrate_with_progress(req).await {
-        Ok(report) => print_report(&report, json),
+        Ok(report) => {
+            write_timeline(&report, timeline);
+            print_report(&report, json)
+        }
         Err(e) => {
             let code = e.exit();
             fail(&anyhow::Error::new(e), code)
@@ -596,6 +664,7 @@ async fn demo(a: &cli::DemoArgs) -> Exit {
     let checked = (|| -> anyhow::Result<()> {
         let mut probe = MigrationRequest::new("", Destination::Launch { qmp_path: None });
         apply_tuning(&mut probe, &a.tuning)?;
+        apply_observe(&mut probe, &a.observe)?;
         if a.memory_mib < 64 {
             anyhow::bail!(
                 "--memory-mib {}: the guest needs at least 64 MiB",
@@ -662,9 +731,11 @@ async fn demo_inner(a: &cli::DemoArgs) -> anyhow::Result<Exit> {
         Destination::Launch { qmp_path: None },
     );
     apply_tuning(&mut req, &a.tuning)?;
+    apply_observe(&mut req, &a.observe)?;
     let result = migrate_with_progress(&req).await;
     let code = match result {
         Ok(report) => {
+            write_timeline(&report, a.observe.timeline.as_deref());
             let code = print_report(&report, a.tuning.json);
             if let Some(pid) = report.destination_pid {
                 // The demo owns both QEMUs: end the destination it launched too.

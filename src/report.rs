@@ -54,11 +54,74 @@ pub struct Escalation {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// One poll of the running migration (`query-migrate` on the source): the series `--timeline` draws and the
+/// traces the prediction model is checked against.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Sample {
+    /// Since qmigrate started the migration.
+    pub at_ms: u64,
+    /// QEMU's migration status (`active`, `postcopy-active`, `completed`, ...).
+    pub status: String,
+    /// QEMU's `dirty-sync-count`: the pass in progress.
+    pub pass: u64,
+    pub remaining_bytes: u64,
+    pub transferred_bytes: u64,
+    /// Pages QEMU found zero and sent as a header only (`ram.duplicate`).
+    pub zero_pages: u64,
+    /// Pages QEMU sent whole (`ram.normal`).
+    pub normal_pages: u64,
+    pub throughput_bytes_per_s: f64,
+    /// The migration's own dirty rate (`dirty-pages-rate` × page size), measured over the last pass.
+    pub dirty_rate_bytes_per_s: f64,
+    pub throttle_pct: u64,
+    pub downtime_limit_ms: u64,
+}
+
+/// The dirty rate measured before the start (`calc-dirty-rate`), with the model fitted to it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct DirtyRateBefore {
+    /// Over the longest window, as QEMU reports it.
     pub bytes_per_s: u64,
+    /// `page-sampling`, `dirty-bitmap` or `dirty-ring`.
     pub mode: String,
     pub calc_time_ms: u64,
+    /// Every window measured: its length and the distinct bytes it found dirtied.
+    pub windows: Vec<DirtyWindow>,
+    /// `R` and `W` fitted to the windows, before calibration.
+    pub model: crate::predict::DirtyModel,
+    /// The factor remembered for this VM and method from earlier migrations, applied to the model.
+    pub calibration_factor: Option<f64>,
+    /// How far this method can be trusted.
+    pub trust: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize)]
+pub struct DirtyWindow {
+    pub window_ms: u64,
+    pub dirtied_bytes: u64,
+}
+
+/// What the first pass was expected to send whole before the start.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct FirstPassEstimate {
+    pub nonzero_bytes: u64,
+    /// `page-contents` (sampled from the host), `remembered` (from an earlier migration) or `assumed` (all RAM).
+    pub method: String,
+    /// ± bytes (95 %), where the method gives one.
+    pub margin_bytes: Option<u64>,
+    pub detail: String,
+}
+
+/// A prediction made while the migration ran, once its first pass was sent.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct LivePrediction {
+    pub at_ms: u64,
+    /// The dirty model corrected to what the first pass found dirtied.
+    pub model: crate::predict::DirtyModel,
+    /// Dirtied during the first pass as counted by QEMU, over what the pre-start model predicted for it.
+    pub dirty_factor: Option<f64>,
+    pub throughput_bytes_per_s: f64,
+    pub prediction: crate::predict::RunPrediction,
 }
 
 /// Where the guest is after the migration: QEMU's run state at each end (`gone` if that QEMU is not there).
@@ -101,7 +164,19 @@ pub struct MigrationReport {
     pub paused_ms: Option<u64>,
     pub escalations: Vec<Escalation>,
     pub dirty_rate_before: Option<DirtyRateBefore>,
+    pub first_pass_estimate: Option<FirstPassEstimate>,
+    /// The inputs of the prediction before the start.
+    pub model: Option<crate::predict::ModelInput>,
+    /// Precopy alone at the initial downtime limit, before the start.
     pub predicted: Option<Prediction>,
+    /// The run with qmigrate's ladder, before the start.
+    pub forecast: Option<crate::predict::RunPrediction>,
+    /// The run re-predicted once the first pass was sent.
+    pub forecast_after_first_pass: Option<LivePrediction>,
+    /// Said before the start: a forecast that the run cannot complete, with what would make it complete.
+    pub warnings: Vec<String>,
+    /// `--probe`: the downtime as the guest's clients saw it, beside QEMU's `downtime_ms`.
+    pub guest_reachability: Option<crate::probe::GuestReachability>,
     pub settings: ReportSettings,
     pub final_state: FinalState,
     /// Cancelled because the user interrupted the run (SIGINT/SIGTERM).
@@ -112,6 +187,8 @@ pub struct MigrationReport {
     pub phases: Vec<PhaseChange>,
     /// Postcopy recovery attempts.
     pub recoveries: Vec<RecoveryAttempt>,
+    /// One per poll of the source while the migration ran.
+    pub samples: Vec<Sample>,
     pub qemu_source: String,
     pub qemu_destination: String,
 }
@@ -180,6 +257,68 @@ impl MigrationReport {
                 crate::predict::Verdict::Diverges => format!("does not converge: {}", p.reason),
             };
             rows.push(("predicted", text));
+        }
+        if let Some(e) = &self.first_pass_estimate {
+            rows.push((
+                "first pass",
+                format!(
+                    "{} non-zero ({}: {})",
+                    size(e.nonzero_bytes),
+                    e.method,
+                    e.detail
+                ),
+            ));
+        }
+        let forecast = |p: &crate::predict::RunPrediction| {
+            format!(
+                "{}, total {}, downtime {}{}",
+                crate::migrate::ending_name(p.ending),
+                ms(p.total_time_ms),
+                ms(p.downtime_ms),
+                if p.escalations.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (after {})", p.escalations.join(", "))
+                }
+            )
+        };
+        if let Some(p) = &self.forecast {
+            rows.push(("forecast", forecast(p)));
+        }
+        if let Some(l) = &self.forecast_after_first_pass {
+            rows.push((
+                "after 1st pass",
+                format!("{} (at {})", forecast(&l.prediction), ms(l.at_ms)),
+            ));
+        }
+        if let Some(g) = &self.guest_reachability {
+            rows.push((
+                "guest downtime",
+                match g.downtime.longest_unreachable_ms {
+                    Some(ms_) => format!(
+                        "{} unreachable at most ({}: {} of {} probes unanswered every {} ms{})",
+                        ms(ms_),
+                        printable(&g.target),
+                        g.downtime.failed,
+                        g.downtime.probes,
+                        g.interval_ms,
+                        if g.downtime.recovered {
+                            ""
+                        } else {
+                            "; not answering again yet"
+                        }
+                    ),
+                    None => format!(
+                        "none seen ({}: all {} probes answered every {} ms)",
+                        printable(&g.target),
+                        g.downtime.probes,
+                        g.interval_ms
+                    ),
+                },
+            ));
+        }
+        for w in &self.warnings {
+            rows.push(("warning", printable(w).into_owned()));
         }
         rows.push((
             "final state",
@@ -261,6 +400,10 @@ fn ms(v: u64) -> String {
 
 fn size(b: u64) -> String {
     bytesize::ByteSize(b).to_string_as(true)
+}
+
+pub(crate) fn de_ms<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    <u64 as serde::Deserialize>::deserialize(d).map(Duration::from_millis)
 }
 
 pub(crate) fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -468,9 +468,10 @@ fn prepare_evacuation(
             .position(|k| k == &v.name)
             .unwrap_or(usize::MAX)
     });
+    let remembered = calibration(opts);
     let candidates: Vec<Candidate> = movable
         .iter()
-        .map(|v| survey::candidate(v, &basis(inv, opts, &v.host)))
+        .map(|v| survey::candidate(v, &basis(inv, opts, &v.host), remembered.vms.get(&v.name)))
         .collect();
     let leaving: Vec<String> = candidates.iter().map(|c| c.name.clone()).collect();
     let input = planner::Input {
@@ -536,6 +537,17 @@ fn leave_alone(v: &VmCheck, check: &CheckReport) -> Option<String> {
     })
 }
 
+/// What earlier migrations taught about the VMs (`--calibration`); empty when off or unreadable (said in the log).
+fn calibration(opts: &Options) -> crate::calibrate::Calibration {
+    let Some(path) = &opts.template.calibration else {
+        return Default::default();
+    };
+    crate::calibrate::load(path).unwrap_or_else(|e| {
+        tracing::warn!("{e}; planning without it");
+        Default::default()
+    })
+}
+
 /// What the predictions of VMs leaving `from` assume.
 fn basis(inv: &Inventory, opts: &Options, from: &str) -> survey::PredictionBasis {
     let budget = link_budget(inv, opts, from);
@@ -570,6 +582,7 @@ fn prepare_restore(
     let mut candidates = Vec::new();
     let mut fixed = BTreeMap::new();
     let mut done = Vec::new();
+    let remembered = calibration(opts);
     for (vm, now_on) in history.to_restore(&opts.host) {
         if !opts.only.is_empty() && !opts.only.contains(&vm) {
             continue;
@@ -591,7 +604,11 @@ fn prepare_restore(
                         done.push(r);
                     }
                     None => {
-                        candidates.push(survey::candidate(v, &basis(inv, opts, h)));
+                        candidates.push(survey::candidate(
+                            v,
+                            &basis(inv, opts, h),
+                            remembered.vms.get(&vm),
+                        ));
                         fixed.insert(vm.clone(), opts.host.clone());
                     }
                 }

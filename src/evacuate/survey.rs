@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
+use crate::calibrate::VmCalibration;
 use crate::classify::Class;
 use crate::hosts::{CheckReport, HostCheck, VmCheck};
 use crate::plan::evacuate::{Candidate, HostRoom, Resident};
-use crate::predict::{self, PrecopyInput, Verdict};
+use crate::predict::{self, ModelInput, Verdict};
 
 /// What the predictions assume.
 #[derive(Debug, Clone, Copy)]
@@ -18,19 +19,33 @@ pub struct PredictionBasis {
     pub timeout: Duration,
 }
 
-/// A VM found on a host, as the planner sees it.
-pub fn candidate(vm: &VmCheck, basis: &PredictionBasis) -> Candidate {
+/// A VM found on a host, as the planner sees it; `remembered` is what earlier migrations of it taught (its dirty
+/// rate was measured by page-sampling, like the survey's, and its non-zero share of RAM).
+pub fn candidate(
+    vm: &VmCheck,
+    basis: &PredictionBasis,
+    remembered: Option<&VmCalibration>,
+) -> Candidate {
     let memory_bytes = vm.ram_bytes.unwrap_or(0);
+    let factor = remembered
+        .filter(|c| c.method.as_deref() == Some("page-sampling"))
+        .and_then(|c| c.dirty_factor)
+        .unwrap_or(1.0);
     let dirty = vm
         .figures
         .and_then(|f| f.dirty_rate_bytes_per_s)
-        .unwrap_or(0.0);
-    let p = predict::precopy(&PrecopyInput {
-        volume_bytes: memory_bytes,
-        dirty_rate_bytes_per_s: dirty,
-        bandwidth_bytes_per_s: basis.bandwidth_bytes_per_s as f64,
-        downtime_limit: basis.downtime,
-    });
+        .unwrap_or(0.0)
+        * factor;
+    let mut input = ModelInput::plain(
+        memory_bytes,
+        dirty,
+        basis.bandwidth_bytes_per_s as f64,
+        basis.downtime,
+    );
+    if let Some(share) = remembered.and_then(|c| c.nonzero_fraction) {
+        input.nonzero_bytes = (memory_bytes as f64 * share) as u64;
+    }
+    let p = predict::precopy(&input);
     let (predicted, prediction) = match p.verdict {
         Verdict::Converges => (
             Duration::from_millis(p.total_time_ms),
@@ -159,15 +174,38 @@ mod tests {
 
     #[test]
     fn predictions_follow_the_model_and_a_divergent_vm_counts_at_the_timeout() {
-        let idle = candidate(&vm("a", "h1", 100, 0.0, Class::Idle), &basis());
-        // 100 MiB at 10 MiB/s, nothing dirtied: the first pass and an empty second.
-        assert_eq!(
-            idle.predicted,
-            Duration::from_secs(10),
-            "{}",
-            idle.prediction
+        let idle = candidate(&vm("a", "h1", 100, 0.0, Class::Idle), &basis(), None);
+        // 100 MiB at 10 MiB/s, nothing dirtied: the first pass and an empty second, and the fixed costs.
+        let secs = idle.predicted.as_secs_f64();
+        assert!((10.0..10.1).contains(&secs), "{}", idle.prediction);
+        // What an earlier migration taught: 40 % of it non-zero.
+        let taught = VmCalibration {
+            nonzero_fraction: Some(0.4),
+            ..VmCalibration::default()
+        };
+        let calibrated = candidate(
+            &vm("a", "h1", 100, 0.0, Class::Idle),
+            &basis(),
+            Some(&taught),
         );
-        let busy = candidate(&vm("b", "h1", 100, 20.0, Class::DirtyMemory), &basis());
+        let secs = calibrated.predicted.as_secs_f64();
+        assert!((4.0..4.1).contains(&secs), "{}", calibrated.prediction);
+        // A dirty rate measured at a third of the truth, corrected by the factor remembered for page-sampling.
+        let low = vm("c", "h1", 100, 3.0, Class::DirtyMemory);
+        let fast = VmCalibration {
+            method: Some("page-sampling".into()),
+            dirty_factor: Some(4.0),
+            ..VmCalibration::default()
+        };
+        assert!(
+            candidate(&low, &basis(), Some(&fast)).predicted
+                > candidate(&low, &basis(), None).predicted
+        );
+        let busy = candidate(
+            &vm("b", "h1", 100, 20.0, Class::DirtyMemory),
+            &basis(),
+            None,
+        );
         assert_eq!(
             busy.predicted,
             Duration::from_secs(300),

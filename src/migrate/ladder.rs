@@ -9,6 +9,12 @@
 //! 4. at `--timeout`: postcopy if allowed and not yet used, else the `--on-timeout` action (cancel, or pause the
 //!    guest and finish offline).
 //!
+//! Throttling is given its chance, then judged: once it has been high ([`HIGH_THROTTLE_PCT`], or its ceiling if
+//! lower) for [`SETTLE_PASSES`] passes, or on for [`THROTTLE_PATIENCE_PASSES`], a migration still stalled either
+//! kept its dirty rate above [`INEFFECTIVE_SHARE`] of the rate before throttling (the rung does not work: move on
+//! at once, to postcopy when allowed, else to the `--on-timeout` action, without waiting for the timeout), or the
+//! rate fell and it still stalls (postcopy when allowed, else throttling goes on until the timeout).
+//!
 //! Stalled means: at least two passes since the last escalation (so its effect can show) and either the
 //! remaining data did not fall by [`MIN_PROGRESS`] over the last [`STALL_PASSES`] passes, or precopy, predicted
 //! from the live dirty rate and throughput, does not converge or finishes after the timeout.
@@ -17,7 +23,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::predict::{self, PrecopyInput, Verdict};
+use crate::predict::{self, Costs, DirtyModel, ModelInput, Verdict};
 
 /// Passes over which progress is judged.
 pub const STALL_PASSES: usize = 3;
@@ -25,8 +31,19 @@ pub const STALL_PASSES: usize = 3;
 pub const MIN_PROGRESS: f64 = 0.10;
 /// Passes to wait after an escalation before judging again.
 pub const SETTLE_PASSES: u64 = 2;
+/// A throttle this high (or at its ceiling, if lower) should show in the dirty rate.
+pub const HIGH_THROTTLE_PCT: u64 = 80;
+/// Throttling is judged after this many passes even if QEMU never raised it high.
+pub const THROTTLE_PATIENCE_PASSES: u64 = 6;
+/// Throttling counts as not working while the dirty rate stays above this share of the rate before it.
+pub const INEFFECTIVE_SHARE: f64 = 0.5;
+/// Said in the reason when throttling is left for not working (the calibration looks for it).
+pub const THROTTLE_NOT_WORKING: &str = "it does not slow this guest";
+/// The throttle ramp qmigrate asks of QEMU: initial and increment, in percent.
+pub const THROTTLE_INITIAL_PCT: u8 = 30;
+pub const THROTTLE_INCREMENT_PCT: u8 = 20;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum AutoConverge {
     /// Throttle from the start, with QEMU's usual ramp.
@@ -37,7 +54,7 @@ pub enum AutoConverge {
     Auto,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Postcopy {
     Never,
@@ -47,7 +64,7 @@ pub enum Postcopy {
     Always,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnTimeout {
     /// Cancel the migration; the source keeps running.
@@ -56,15 +73,26 @@ pub enum OnTimeout {
     Pause,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct LadderSettings {
-    #[serde(serialize_with = "crate::report::ser_ms")]
+    #[serde(
+        serialize_with = "crate::report::ser_ms",
+        deserialize_with = "crate::report::de_ms"
+    )]
     pub downtime: Duration,
-    #[serde(serialize_with = "crate::report::ser_ms")]
+    #[serde(
+        serialize_with = "crate::report::ser_ms",
+        deserialize_with = "crate::report::de_ms"
+    )]
     pub max_downtime: Duration,
-    #[serde(serialize_with = "crate::report::ser_ms")]
+    #[serde(
+        serialize_with = "crate::report::ser_ms",
+        deserialize_with = "crate::report::de_ms"
+    )]
     pub timeout: Duration,
     pub auto_converge: AutoConverge,
+    /// The ceiling of the vCPU throttle, in percent (QEMU's `max-cpu-throttle`).
+    pub max_throttle_pct: u8,
     pub postcopy: Postcopy,
     pub on_timeout: OnTimeout,
 }
@@ -78,6 +106,8 @@ pub struct Observation {
     pub remaining_bytes: u64,
     pub throughput_bytes_per_s: f64,
     pub dirty_rate_bytes_per_s: f64,
+    /// QEMU's `cpu-throttle-percentage`.
+    pub throttle_pct: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -105,12 +135,33 @@ pub struct Step {
     pub reason: String,
 }
 
+/// Throttling, watched for whether it works.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Throttling {
+    Off,
+    /// On since `since_pass`; the dirty rate before it (once seen) and the pass from which the throttle was high.
+    On {
+        since_pass: u64,
+        rate_before_bytes_per_s: Option<f64>,
+        high_since_pass: Option<u64>,
+    },
+}
+
+/// What throttling did, once it had its chance.
+enum Judgement {
+    Wait,
+    /// The dirty rate did not follow the throttle.
+    NotWorking(String),
+    /// It slowed the guest, and the migration still stalls.
+    NotEnough(String),
+}
+
 /// Where a migration stands on the ladder.
 #[derive(Debug, Clone)]
 pub struct Ladder {
     settings: LadderSettings,
     downtime: Duration,
-    throttling: bool,
+    throttling: Throttling,
     postcopy_started: bool,
     final_action_taken: bool,
     /// Remaining bytes when each pass began, newest last.
@@ -122,7 +173,15 @@ impl Ladder {
     pub fn new(settings: LadderSettings) -> Ladder {
         Ladder {
             downtime: settings.downtime,
-            throttling: settings.auto_converge == AutoConverge::On,
+            throttling: if settings.auto_converge == AutoConverge::On {
+                Throttling::On {
+                    since_pass: 0,
+                    rate_before_bytes_per_s: None,
+                    high_since_pass: None,
+                }
+            } else {
+                Throttling::Off
+            },
             settings,
             postcopy_started: false,
             final_action_taken: false,
@@ -153,8 +212,89 @@ impl Ladder {
                 predict::bytes(obs.remaining_bytes as f64)
             )));
         }
+        self.watch_throttle(obs);
         let stall = self.stall(obs)?;
+        if let Throttling::On { .. } = self.throttling {
+            // Throttling is the rung in use: it is given its chance, then judged.
+            return match self.judge_throttle(obs) {
+                Judgement::Wait => None,
+                Judgement::NotWorking(why) => Some(self.move_on(obs, format!("{stall}; {why}"))),
+                Judgement::NotEnough(why) if self.settings.postcopy == Postcopy::Fallback => {
+                    Some(self.start_postcopy(format!("{stall}; {why}; moving on to postcopy")))
+                }
+                Judgement::NotEnough(_) => None,
+            };
+        }
         self.escalate(obs, stall)
+    }
+
+    /// Notes the dirty rate before throttling shows and the pass from which the throttle is high.
+    fn watch_throttle(&mut self, obs: &Observation) {
+        let high = HIGH_THROTTLE_PCT.min(self.settings.max_throttle_pct as u64);
+        if let Throttling::On {
+            rate_before_bytes_per_s,
+            high_since_pass,
+            ..
+        } = &mut self.throttling
+        {
+            if obs.throttle_pct == 0 && obs.pass >= 2 {
+                *rate_before_bytes_per_s = Some(obs.dirty_rate_bytes_per_s);
+            }
+            if obs.throttle_pct >= high.max(1) {
+                high_since_pass.get_or_insert(obs.pass);
+            }
+        }
+    }
+
+    /// Whether throttling had its chance (high for [`SETTLE_PASSES`] passes, or on for
+    /// [`THROTTLE_PATIENCE_PASSES`]) and what it did to the dirty rate.
+    fn judge_throttle(&self, obs: &Observation) -> Judgement {
+        let Throttling::On {
+            since_pass,
+            rate_before_bytes_per_s,
+            high_since_pass,
+        } = self.throttling
+        else {
+            return Judgement::Wait;
+        };
+        let had_chance = high_since_pass.is_some_and(|h| obs.pass >= h + SETTLE_PASSES)
+            || obs.pass >= since_pass + THROTTLE_PATIENCE_PASSES;
+        if !had_chance {
+            return Judgement::Wait;
+        }
+        let now = obs.dirty_rate_bytes_per_s;
+        match rate_before_bytes_per_s.filter(|b| *b > 0.0) {
+            Some(before) if now >= before * INEFFECTIVE_SHARE => Judgement::NotWorking(format!(
+                "throttling for {} passes, now at {}%, left the dirty rate at {}/s against {}/s before it: \
+                 {THROTTLE_NOT_WORKING}",
+                obs.pass.saturating_sub(since_pass),
+                obs.throttle_pct,
+                predict::bytes(now),
+                predict::bytes(before)
+            )),
+            Some(before) => Judgement::NotEnough(format!(
+                "throttling at {}% brought the dirty rate from {}/s to {}/s, not enough to converge",
+                obs.throttle_pct,
+                predict::bytes(before),
+                predict::bytes(now)
+            )),
+            None => Judgement::NotEnough(format!(
+                "throttling at {}% for {} passes, not enough to converge",
+                obs.throttle_pct,
+                obs.pass.saturating_sub(since_pass)
+            )),
+        }
+    }
+
+    /// Leaves a rung that does not work: postcopy when allowed, else the timeout action now.
+    fn move_on(&mut self, obs: &Observation, why: String) -> Step {
+        if self.settings.postcopy == Postcopy::Fallback {
+            return self.start_postcopy(format!("{why}; moving on to postcopy"));
+        }
+        self.final_step(format!(
+            "{why}; no rung is left before the timeout ({} remaining)",
+            predict::bytes(obs.remaining_bytes as f64)
+        ))
     }
 
     /// Why the migration counts as stalled, or `None`.
@@ -178,11 +318,20 @@ impl Ladder {
         if obs.throughput_bytes_per_s <= 0.0 {
             return None;
         }
-        let p = predict::precopy(&PrecopyInput {
-            volume_bytes: obs.remaining_bytes,
-            dirty_rate_bytes_per_s: obs.dirty_rate_bytes_per_s,
-            bandwidth_bytes_per_s: obs.throughput_bytes_per_s,
+        // From here on: what remains is the next pass, dirtied at the live rate, at most what remains again.
+        let p = predict::precopy(&ModelInput {
+            ram_bytes: obs.remaining_bytes,
+            nonzero_bytes: obs.remaining_bytes,
+            page_bytes: 4096,
+            dirty: DirtyModel::unbounded(obs.dirty_rate_bytes_per_s, obs.remaining_bytes),
+            throughput_bytes_per_s: obs.throughput_bytes_per_s,
+            switchover_throughput_bytes_per_s: obs.throughput_bytes_per_s,
             downtime_limit: self.downtime,
+            costs: Costs {
+                setup: Duration::ZERO,
+                zero_page_ns: 0.0,
+                ..Costs::default()
+            },
         });
         let left = self.settings.timeout.saturating_sub(obs.elapsed);
         match p.verdict {
@@ -225,14 +374,20 @@ impl Ladder {
                 ),
             });
         }
-        if self.settings.auto_converge == AutoConverge::Auto && !self.throttling {
-            self.throttling = true;
+        if self.settings.auto_converge == AutoConverge::Auto && self.throttling == Throttling::Off {
+            self.throttling = Throttling::On {
+                since_pass: obs.pass,
+                rate_before_bytes_per_s: (obs.dirty_rate_bytes_per_s > 0.0)
+                    .then_some(obs.dirty_rate_bytes_per_s),
+                high_since_pass: None,
+            };
             self.last_escalation_pass = obs.pass;
+            let max_pct = self.settings.max_throttle_pct.clamp(1, 99);
             return Some(Step {
                 action: Action::Throttle {
-                    initial_pct: 30,
-                    increment_pct: 20,
-                    max_pct: 99,
+                    initial_pct: THROTTLE_INITIAL_PCT.min(max_pct),
+                    increment_pct: THROTTLE_INCREMENT_PCT,
+                    max_pct,
                 },
                 reason: format!("{figures}; downtime already at its ceiling"),
             });
@@ -254,6 +409,11 @@ impl Ladder {
         if self.settings.postcopy == Postcopy::Fallback {
             return self.start_postcopy(why);
         }
+        self.final_step(why)
+    }
+
+    /// The `--on-timeout` action, after which the ladder does nothing more.
+    fn final_step(&mut self, why: String) -> Step {
         self.final_action_taken = true;
         match self.settings.on_timeout {
             OnTimeout::Cancel => Step {
@@ -292,6 +452,7 @@ mod tests {
             max_downtime: Duration::from_millis(max_downtime_ms),
             timeout: Duration::from_secs(60),
             auto_converge,
+            max_throttle_pct: 99,
             postcopy,
             on_timeout: OnTimeout::Cancel,
         }
@@ -305,6 +466,7 @@ mod tests {
             remaining_bytes: 46 * MIB,
             throughput_bytes_per_s: (32 * MIB) as f64,
             dirty_rate_bytes_per_s: (200 * MIB) as f64,
+            throttle_pct: 0,
         }
     }
 
@@ -327,11 +489,13 @@ mod tests {
         // (auto-converge, postcopy, max downtime ms) -> the actions over passes 1..=12, the clock at 1 s a pass.
         let table: Vec<(AutoConverge, Postcopy, u64, Vec<Action>)> = vec![
             (AutoConverge::Off, Postcopy::Never, 300, vec![]),
+            // Throttling that leaves the dirty rate where it was is judged after its patience, and then the
+            // timeout action comes at once.
             (
                 AutoConverge::Auto,
                 Postcopy::Never,
                 300,
-                vec![throttle.clone()],
+                vec![throttle.clone(), Action::Cancel],
             ),
             (
                 AutoConverge::On,
@@ -382,6 +546,7 @@ mod tests {
                 remaining_bytes: (256 * MIB) >> p,
                 throughput_bytes_per_s: (512 * MIB) as f64,
                 dirty_rate_bytes_per_s: (8 * MIB) as f64,
+                throttle_pct: 0,
             };
             assert_eq!(l.step(&obs), None, "pass {p}");
         }
@@ -411,5 +576,56 @@ mod tests {
         let step = (1..=6).find_map(|p| l.step(&stuck(p, p))).unwrap();
         assert!(step.reason.contains("46.0 MiB"), "{}", step.reason);
         assert!(step.reason.contains("32.0 MiB/s"), "{}", step.reason);
+    }
+
+    /// The stuck migration with QEMU reporting `throttle` percent and a dirty rate of `dirty` MiB/s.
+    fn throttled(pass: u64, throttle: u64, dirty: u64) -> Observation {
+        Observation {
+            throttle_pct: throttle,
+            dirty_rate_bytes_per_s: (dirty * MIB) as f64,
+            ..stuck(pass, pass)
+        }
+    }
+
+    #[test]
+    fn throttling_that_does_not_slow_the_guest_is_left_at_once() {
+        // (postcopy, ceiling %, throttle % reported from pass 6 on, dirty MiB/s then) -> the step after throttling
+        let table = [
+            (Postcopy::Fallback, 99, 99, 200, Some(Action::StartPostcopy)),
+            (Postcopy::Never, 99, 99, 190, Some(Action::Cancel)),
+            // A low ceiling counts as high once reached.
+            (Postcopy::Fallback, 10, 10, 200, Some(Action::StartPostcopy)),
+            // The dirty rate fell by more than half: throttling works, keep waiting.
+            (Postcopy::Never, 99, 99, 60, None),
+            // Not yet high: keep waiting.
+            (Postcopy::Never, 99, 50, 200, None),
+        ];
+        for (postcopy, ceiling, pct, dirty, want) in table {
+            let mut s = settings(AutoConverge::Auto, postcopy, 300);
+            s.max_throttle_pct = ceiling;
+            let mut l = Ladder::new(s);
+            // Passes 1-4 unthrottled at 200 MiB/s: the throttle rung is taken.
+            let first: Vec<Action> = (1..=4)
+                .filter_map(|p| l.step(&throttled(p, 0, 200)).map(|s| s.action))
+                .collect();
+            assert!(
+                matches!(first.as_slice(), [Action::Throttle { max_pct, .. }] if *max_pct == ceiling),
+                "{first:?}"
+            );
+            let mut got = None;
+            for p in 5..=7 {
+                if let Some(step) = l.step(&throttled(p, pct, dirty)) {
+                    assert!(
+                        step.reason.contains(THROTTLE_NOT_WORKING),
+                        "{}",
+                        step.reason
+                    );
+                    assert!(step.reason.contains(&format!("{pct}%")), "{}", step.reason);
+                    got = Some(step.action);
+                    break;
+                }
+            }
+            assert_eq!(got, want, "{postcopy:?} {ceiling} {pct} {dirty}");
+        }
     }
 }

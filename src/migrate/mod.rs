@@ -5,6 +5,7 @@
 //! Escalations are decided by the PURE [`ladder`], every other "what now?" by [`machine`]; this module decides
 //! nothing itself.
 
+pub mod foresee;
 pub mod ladder;
 pub mod machine;
 
@@ -21,16 +22,16 @@ use crate::exit::Exit;
 use crate::inventory::DestinationStart;
 use crate::launch::{self, LaunchError, QemuProcess};
 use crate::lock::{LockError, VmLock};
-use crate::predict::{self, PrecopyInput};
+use crate::predict::{self, ModelInput};
 use crate::qmp::types::{
-    CalcDirtyRate, CapabilityState, MigrateSetCapabilities, MigrationInfo, QueryDirtyRate,
-    QueryMigrate, QueryMigrateCapabilities, QueryStatus,
+    CapabilityState, MigrateSetCapabilities, MigrationInfo, QueryMigrate, QueryMigrateCapabilities,
+    QueryStatus,
 };
 use crate::qmp::{ConnectOptions, PeerFeatures, Qmp, QmpError, QmpEvent};
 use crate::remote::{HostError, HostLink};
 use crate::report::{
-    DirtyRateBefore, Escalation, FinalState, MigrationReport, Outcome, PhaseChange,
-    RecoveryAttempt, ReportSettings,
+    Escalation, FinalState, MigrationReport, Outcome, PhaseChange, RecoveryAttempt, ReportSettings,
+    Sample,
 };
 use ladder::{Action, AutoConverge, Ladder, LadderSettings, Postcopy};
 use machine::{Command, EndState, GuestEvent, Machine, Observation, Phase, Rules};
@@ -95,6 +96,12 @@ pub struct MigrationRequest {
     /// New bandwidth caps while the migration runs (an evacuation splitting a link among its migrations): each
     /// value sent is applied to the source's `max-bandwidth` (and `max-postcopy-bandwidth`) at once.
     pub bandwidth_updates: Option<tokio::sync::watch::Receiver<u64>>,
+    /// `--refuse-hopeless`: do not start a migration forecast not to complete within the timeout.
+    pub refuse_hopeless: bool,
+    /// Where what migrations teach about each VM and link is remembered (`calibrate`); `None` forgets.
+    pub calibration: Option<PathBuf>,
+    /// `--probe`: the guest's reachability probed from the host while the migration runs.
+    pub probe: Option<crate::probe::ProbeSettings>,
 }
 
 impl MigrationRequest {
@@ -110,6 +117,7 @@ impl MigrationRequest {
                 max_downtime: Duration::from_secs(1),
                 timeout: Duration::from_secs(300),
                 auto_converge: AutoConverge::Auto,
+                max_throttle_pct: 99,
                 postcopy: Postcopy::Never,
                 on_timeout: ladder::OnTimeout::Cancel,
             },
@@ -122,6 +130,9 @@ impl MigrationRequest {
             source_host: None,
             vm_name: None,
             bandwidth_updates: None,
+            refuse_hopeless: false,
+            calibration: None,
+            probe: None,
         }
     }
 }
@@ -166,6 +177,10 @@ pub enum MigrateError {
     Interrupted,
     #[error(transparent)]
     Host(Box<HostError>),
+    #[error("{vm}: not started (--refuse-hopeless): {reason}")]
+    Hopeless { vm: String, reason: String },
+    #[error("cannot probe the guest")]
+    Probe(#[source] crate::probe::ProbeError),
 }
 
 impl From<HostError> for MigrateError {
@@ -193,6 +208,8 @@ impl MigrateError {
             | MigrateError::Locked(_) => Exit::State,
             MigrateError::Uri { .. } => Exit::Usage,
             MigrateError::Interrupted => Exit::Interrupted,
+            MigrateError::Hopeless { .. } => Exit::Hopeless,
+            MigrateError::Probe(_) => Exit::Endpoint,
         }
     }
 }
@@ -298,6 +315,8 @@ async fn changed_bandwidth(rx: &mut Option<tokio::sync::watch::Receiver<u64>>) -
 /// How long a broken QMP session to a destination on another host is retried while its QEMU lives.
 const RECONNECT_WINDOW: Duration = Duration::from_secs(10);
 
+/// How long `--probe` goes on after a completed switch-over, for the guest to answer again on the destination.
+const PROBE_AFTER_SWITCHOVER: Duration = Duration::from_secs(2);
 /// Bound on one query of either end while the migration runs.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Consecutive unanswered polls after which the source counts as unreachable.
@@ -416,25 +435,105 @@ pub async fn migrate(
         .map(|m| m.base_memory.saturating_add(m.plugged_memory.unwrap_or(0)))
         .map_err(MigrateError::Source)?;
 
-    // Measure before predicting: the sampled rate runs low, the live counters correct it later.
-    let dirty_rate_before = match req.dirty_rate_sample {
+    // Measure, then predict: the pre-start figures with what earlier migrations of this VM taught.
+    let calibration = req
+        .calibration
+        .as_deref()
+        .map(|p| {
+            crate::calibrate::load(p).unwrap_or_else(|e| {
+                warn!("{e}; predicting without it");
+                Default::default()
+            })
+        })
+        .unwrap_or_default();
+    let vm_key = vm_name(req, &src).await;
+    let mut dirty_rate_before = match req.dirty_rate_sample {
         Some(t) if src_features.has_command("calc-dirty-rate") => tokio::select! {
-            r = measure_dirty_rate(&src, t) => r,
+            r = foresee::measure_dirty(&src, t, ram_bytes) => r,
             _ = cancel.cancelled() => return Err(MigrateError::Interrupted),
         },
         _ => None,
     };
-    let predicted = dirty_rate_before.as_ref().map(|d| {
-        predict::precopy(&PrecopyInput {
-            volume_bytes: ram_bytes,
-            dirty_rate_bytes_per_s: d.bytes_per_s as f64,
-            // Between inventory hosts the slower NIC bounds the stream too.
-            bandwidth_bytes_per_s: link_bound(req).min(req.bandwidth_bytes_per_s) as f64,
-            downtime_limit: settings.downtime,
-        })
-    });
-    if let Some(p) = &predicted {
-        info!(vm = %src_label, verdict = ?p.verdict, passes = p.passes, "prediction: {}", p.reason);
+    if let Some(d) = dirty_rate_before.as_mut() {
+        foresee::calibrate(d, &calibration, &vm_key);
+    }
+    let sampled = sample_guest_memory(req, &src, ram_bytes).await;
+    let remembered = calibration.vms.get(&vm_key);
+    let first_pass = foresee::first_pass(
+        ram_bytes,
+        sampled,
+        remembered.and_then(|c| c.nonzero_fraction),
+    );
+    let link_key = link_key(req);
+    let throughput = foresee::throughput(
+        req.bandwidth_bytes_per_s,
+        link_bound(req),
+        link_key
+            .as_deref()
+            .and_then(|k| calibration.links.get(k))
+            .map(|l| l.throughput_bytes_per_s),
+    );
+    let model = foresee::model_input(
+        ram_bytes,
+        &first_pass,
+        dirty_rate_before.as_ref(),
+        throughput,
+        settings.downtime,
+    );
+    let predicted = dirty_rate_before.as_ref().map(|_| predict::precopy(&model));
+    // Throttling this VM was seen not to work: the forecast does not count on it.
+    let throttle_known_useless = remembered.is_some_and(|c| c.throttle_ineffective);
+    let forecast_settings = LadderSettings {
+        auto_converge: if throttle_known_useless {
+            AutoConverge::Off
+        } else {
+            settings.auto_converge
+        },
+        ..settings.clone()
+    };
+    let forecast = dirty_rate_before
+        .as_ref()
+        .map(|_| predict::run(&model, &forecast_settings));
+    let mut warnings = Vec::new();
+    if let Some(f) = forecast.as_ref().filter(|f| !f.completes()) {
+        let remedies = predict::remedies(&model, &forecast_settings);
+        let mut text = format!(
+            "forecast: cannot complete within the {} timeout ({}){}",
+            humantime::format_duration(settings.timeout),
+            f.reason,
+            if throttle_known_useless {
+                "; throttling was not counted on: it did not slow this guest before"
+            } else {
+                ""
+            }
+        );
+        if remedies.is_empty() {
+            text.push_str("; no flag would make it complete by the forecast");
+        } else {
+            let list: Vec<String> = remedies
+                .iter()
+                .map(|(flag, p)| {
+                    format!(
+                        "{flag} (forecast: {} in {})",
+                        ending_name(p.ending),
+                        humantime::format_duration(Duration::from_millis(p.total_time_ms))
+                    )
+                })
+                .collect();
+            text.push_str(&format!("; it would complete with {}", list.join(", or ")));
+        }
+        warn!(vm = %src_label, "{text}");
+        if req.refuse_hopeless {
+            drop_destination(dst_process).await;
+            return Err(MigrateError::Hopeless {
+                vm: vm_key,
+                reason: text,
+            });
+        }
+        warnings.push(text);
+    }
+    if let Some(p) = &forecast {
+        info!(vm = %src_label, ending = ?p.ending, total_ms = p.total_time_ms, "forecast: {}", p.reason);
     }
     if cancel.is_cancelled() {
         return Err(MigrateError::Interrupted);
@@ -443,7 +542,7 @@ pub async fn migrate(
     // Set-up: what it changes on the source is undone if QEMU refuses any of it.
     let caps_before = src.execute(&QueryMigrateCapabilities {}).await.ok();
     let stream = stream(req, &dst)?;
-    let name = vm_name(req, &src).await;
+    let name = vm_key;
     let mut run = Run::new(req, src, dst, dst_process, stream, false);
     run.report.vm = name;
     if let Some(Launched::Remote { pid, .. }) = &run.dst_process {
@@ -451,7 +550,22 @@ pub async fn migrate(
     }
     run.report.ram_bytes = ram_bytes;
     run.report.dirty_rate_before = dirty_rate_before;
+    run.report.first_pass_estimate = Some(first_pass);
+    run.report.model = Some(model);
     run.report.predicted = predicted;
+    run.report.forecast = forecast;
+    run.report.warnings = warnings;
+    run.model = Some(model);
+    run.link_key = link_key;
+    if let Some(settings) = &req.probe {
+        match crate::probe::start(settings.clone()) {
+            Ok(p) => run.prober = Some(p),
+            Err(e) => {
+                run.end_launched_destination().await;
+                return Err(MigrateError::Probe(e));
+            }
+        }
+    }
     run.enter(Phase::SetUp, None);
     let tls = matches!(req.destination, Destination::Host { tls: true, .. });
     let set_up = async {
@@ -572,6 +686,12 @@ struct Run<'a> {
     stream_dir: Option<tempfile::TempDir>,
     /// Bandwidth caps sent while the migration runs ([`MigrationRequest::bandwidth_updates`]).
     bandwidth_updates: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The prediction's input before the start, for the re-prediction after the first pass.
+    model: Option<ModelInput>,
+    /// Under which key the link's throughput is remembered.
+    link_key: Option<String>,
+    /// `--probe`, running from the start of the migration to its report.
+    prober: Option<crate::probe::Prober>,
     report: MigrationReport,
 }
 
@@ -616,7 +736,13 @@ impl<'a> Run<'a> {
             paused_ms: None,
             escalations: Vec::new(),
             dirty_rate_before: None,
+            first_pass_estimate: None,
+            model: None,
             predicted: None,
+            forecast: None,
+            forecast_after_first_pass: None,
+            warnings: Vec::new(),
+            guest_reachability: None,
             settings: ReportSettings {
                 ladder: req.ladder.clone(),
                 bandwidth_bytes_per_s: req.bandwidth_bytes_per_s,
@@ -631,6 +757,7 @@ impl<'a> Run<'a> {
             adopted,
             phases: Vec::new(),
             recoveries: Vec::new(),
+            samples: Vec::new(),
             qemu_source: version_string(&src),
             qemu_destination: version_string(&dst),
         };
@@ -652,6 +779,9 @@ impl<'a> Run<'a> {
             max_throttle: 0,
             stream_dir,
             bandwidth_updates: req.bandwidth_updates.clone(),
+            model: None,
+            link_key: None,
+            prober: None,
             report,
         }
     }
@@ -1328,6 +1458,20 @@ impl<'a> Run<'a> {
         }
         let obs = ladder_observation(&self.last, self.now());
         let ram = self.last.ram.clone().unwrap_or_default();
+        self.report.samples.push(Sample {
+            at_ms: obs.elapsed.as_millis() as u64,
+            status: status.clone(),
+            pass: obs.pass,
+            remaining_bytes: ram.remaining,
+            transferred_bytes: ram.transferred,
+            zero_pages: ram.duplicate,
+            normal_pages: ram.normal,
+            throughput_bytes_per_s: obs.throughput_bytes_per_s,
+            dirty_rate_bytes_per_s: obs.dirty_rate_bytes_per_s,
+            throttle_pct: obs.throttle_pct,
+            downtime_limit_ms: self.ladder.downtime().as_millis() as u64,
+        });
+        self.predict_after_first_pass();
         progress(&Progress {
             elapsed: obs.elapsed,
             status: status.clone(),
@@ -1341,6 +1485,26 @@ impl<'a> Run<'a> {
             downtime_limit: self.ladder.downtime(),
         });
         Some(Observation::Status(status))
+    }
+
+    /// Once the first pass is sent: the forecast again, from what it showed.
+    fn predict_after_first_pass(&mut self) {
+        if self.report.forecast_after_first_pass.is_some() {
+            return;
+        }
+        let Some(model) = self.model else {
+            return;
+        };
+        if let Some(live) = foresee::after_first_pass(
+            &model,
+            &self.req.ladder,
+            &self.report.samples,
+            self.req.poll_interval,
+        ) {
+            info!(vm = %self.vm(), ending = ?live.prediction.ending, total_ms = live.prediction.total_time_ms,
+                "forecast after the first pass: {}", live.prediction.reason);
+            self.report.forecast_after_first_pass = Some(live);
+        }
     }
 
     /// Keeps the newest figures; a cancelled or failed migration reports none, so the last ones seen stay.
@@ -1493,6 +1657,22 @@ impl<'a> Run<'a> {
                 }
             }
         }
+        if let Some(prober) = self.prober.take() {
+            if completed {
+                // The guest's network comes back on the destination after the switch-over: give it time to show.
+                tokio::time::sleep(PROBE_AFTER_SWITCHOVER).await;
+            }
+            let started = self.started;
+            let settings = self.req.probe.clone();
+            if let (Ok(log), Some(settings)) = (
+                tokio::task::spawn_blocking(move || prober.finish()).await,
+                settings,
+            ) {
+                self.report.guest_reachability = Some(crate::probe::GuestReachability::new(
+                    &settings, &log, started,
+                ));
+            }
+        }
         let ram = self.last.ram.clone().unwrap_or_default();
         let total_time_ms = if completed {
             self.last.total_time.unwrap_or(wall_ms)
@@ -1523,6 +1703,14 @@ impl<'a> Run<'a> {
         r.final_state = final_state;
         r.interrupted = self.interrupted;
         info!(vm = %r.vm, outcome = ?r.outcome, total_ms = r.total_time_ms, "migration finished");
+        if let Some(path) = &self.req.calibration {
+            let lesson = foresee::lesson(r, self.req.bandwidth_bytes_per_s);
+            if let Err(e) =
+                crate::calibrate::remember(path, &r.vm, self.link_key.as_deref(), &lesson)
+            {
+                warn!(vm = %r.vm, "{e}");
+            }
+        }
         self.report
     }
 }
@@ -1548,6 +1736,7 @@ fn ladder_observation(info: &MigrationInfo, elapsed: Duration) -> ladder::Observ
         remaining_bytes: ram.remaining,
         throughput_bytes_per_s: ram.throughput_bytes_per_s(),
         dirty_rate_bytes_per_s: ram.dirty_rate_bytes_per_s() as f64,
+        throttle_pct: info.cpu_throttle_percentage.unwrap_or(0),
     }
 }
 
@@ -1783,6 +1972,42 @@ async fn launch_destination(
 }
 
 /// The slower NIC of the two inventory hosts, when both are known (else no bound).
+/// Ends a destination we launched, when the migration is not started after all.
+async fn drop_destination(process: Option<Launched>) {
+    if let Some(mut p) = process {
+        p.kill().await;
+    }
+}
+
+/// The key the source→destination link is remembered under, for migrations between inventory hosts.
+fn link_key(req: &MigrationRequest) -> Option<String> {
+    match (&req.source_host, &req.destination) {
+        (Some(s), Destination::Host { link, .. }) => {
+            Some(crate::calibrate::link_key(s.name(), link.name()))
+        }
+        _ => None,
+    }
+}
+
+/// The guest's non-zero memory, read from the host; `None` (logged) when the host does not let us.
+async fn sample_guest_memory(
+    req: &MigrationRequest,
+    src: &Qmp,
+    ram_bytes: u64,
+) -> Option<crate::report::FirstPassEstimate> {
+    let _ = (req, src, ram_bytes);
+    None
+}
+
+pub fn ending_name(e: predict::Ending) -> &'static str {
+    match e {
+        predict::Ending::Precopy => "completes in precopy",
+        predict::Ending::Postcopy => "completes in postcopy",
+        predict::Ending::Offline => "completes offline",
+        predict::Ending::Cancelled => "cancelled",
+    }
+}
+
 fn link_bound(req: &MigrationRequest) -> u64 {
     let nic = |l: &HostLink| Some(l.host.capacity.nic_bytes_per_s).filter(|b| *b > 0);
     match (&req.source_host, &req.destination) {
@@ -1949,39 +2174,6 @@ async fn launch_on_host(
             Err(e.into())
         }
     }
-}
-
-async fn measure_dirty_rate(src: &Qmp, sample: Duration) -> Option<DirtyRateBefore> {
-    let calc_time = sample.as_secs().max(1);
-    if let Err(e) = src
-        .execute(&CalcDirtyRate {
-            calc_time,
-            mode: None,
-        })
-        .await
-    {
-        warn!(vm = %src.label(), "calc-dirty-rate: {e}");
-        return None;
-    }
-    let deadline = Instant::now() + Duration::from_secs(calc_time + 5);
-    tokio::time::sleep(Duration::from_secs(calc_time)).await;
-    while Instant::now() < deadline {
-        match src.execute(&QueryDirtyRate {}).await {
-            Ok(d) if d.status == "measured" => {
-                return Some(DirtyRateBefore {
-                    bytes_per_s: d.dirty_rate_bytes_per_s().unwrap_or(0),
-                    mode: d.mode.unwrap_or_else(|| "page-sampling".into()),
-                    calc_time_ms: calc_time * 1000,
-                })
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            Err(e) => {
-                warn!(vm = %src.label(), "query-dirty-rate: {e}");
-                return None;
-            }
-        }
-    }
-    None
 }
 
 /// One end's run state: `Gone` when its QMP connection closed, `Unknown` when it does not answer in time.

@@ -151,6 +151,12 @@ impl DirtyRateInfo {
 #[serde(rename_all = "kebab-case")]
 pub struct CalcDirtyRate {
     pub calc_time: u64,
+    /// `second` (the default) or `millisecond`; QEMU 8.2 and later.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calc_time_unit: Option<String>,
+    /// Pages sampled per GiB in `page-sampling` mode (QEMU's default 512).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sample_pages: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
 }

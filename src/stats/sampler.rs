@@ -437,6 +437,8 @@ async fn start_dirty_rate(
         match qmp
             .execute(&CalcDirtyRate {
                 calc_time,
+                calc_time_unit: None,
+                sample_pages: None,
                 mode: Some((*mode).into()),
             })
             .await

@@ -261,6 +261,16 @@ impl std::fmt::Debug for Run {
 
 pub fn qmigrate_cmd<S: AsRef<str>>(args: &[S]) -> tokio::process::Command {
     let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_qmigrate"));
+    // Every run remembers into a file of its own unless the test names one: what one test's guest taught must not
+    // change another's forecast (every test's source is called "src").
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    c.env(
+        "QMIGRATE_CALIBRATION",
+        Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("calibration")
+            .join(format!("{}-{n}.json", std::process::id())),
+    );
     c.args(args.iter().map(AsRef::as_ref))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

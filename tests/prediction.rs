@@ -1,0 +1,120 @@
+//! The prediction model against real migrations recorded on these machines (QEMU 10.0, TCG, 256 MiB guests):
+//! each fixture in tests/fixtures/traces/ is a trimmed `--json` report — the model's inputs as measured before the
+//! start, the ladder's settings, every `query-migrate` poll (`samples`) and what happened. The forecast before the
+//! start and the one after the first pass are recomputed from them, purely, and must land within ±20 % of QEMU's
+//! total time. `scripts/record-traces` recorded them.
+
+use std::path::Path;
+use std::time::Duration;
+
+use qmigrate::migrate::foresee;
+use qmigrate::migrate::ladder::LadderSettings;
+use qmigrate::predict::{self, Ending, ModelInput};
+use qmigrate::report::Sample;
+use serde_json::Value;
+
+struct Trace {
+    name: String,
+    model: ModelInput,
+    settings: LadderSettings,
+    samples: Vec<Sample>,
+    completed: bool,
+    total_time_ms: u64,
+}
+
+fn traces() -> Vec<Trace> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/traces");
+    let mut out = Vec::new();
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let field = |k: &str| {
+            v.get(k)
+                .cloned()
+                .unwrap_or_else(|| panic!("{}: no {k}", path.display()))
+        };
+        out.push(Trace {
+            name: path.file_stem().unwrap().to_string_lossy().into_owned(),
+            model: serde_json::from_value(field("model")).expect("model"),
+            settings: serde_json::from_value(field("settings")).expect("settings"),
+            samples: serde_json::from_value(field("samples")).expect("samples"),
+            completed: field("outcome") == "completed",
+            total_time_ms: field("total_time_ms").as_u64().unwrap(),
+        });
+    }
+    assert!(out.len() >= 4, "too few traces in {}", dir.display());
+    out
+}
+
+fn within_20_pct(trace: &Trace, p: &predict::RunPrediction) -> Result<(), String> {
+    if !trace.completed {
+        return if p.ending == Ending::Cancelled {
+            Ok(())
+        } else {
+            Err(format!("it did not complete; forecast {:?}", p.ending))
+        };
+    }
+    let actual = trace.total_time_ms as f64;
+    let err = (p.total_time_ms as f64 - actual) / actual;
+    if p.completes() && err.abs() <= 0.2 {
+        Ok(())
+    } else {
+        Err(format!(
+            "forecast {:?} in {} ms against {} ms ({:+.0} %)",
+            p.ending,
+            p.total_time_ms,
+            trace.total_time_ms,
+            err * 100.0
+        ))
+    }
+}
+
+#[test]
+fn the_forecast_before_the_start_is_within_20_percent_of_the_recorded_migrations() {
+    let mut failures = Vec::new();
+    for t in traces() {
+        let p = predict::run(&t.model, &t.settings);
+        if let Err(e) = within_20_pct(&t, &p) {
+            failures.push(format!("{}: {e}", t.name));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn the_forecast_after_the_first_pass_is_within_20_percent_of_the_recorded_migrations() {
+    let mut failures = Vec::new();
+    let mut judged = 0;
+    for t in traces() {
+        // Replayed poll by poll, as the migration saw them: the forecast is made at the first poll of pass 2.
+        let live = (1..=t.samples.len()).find_map(|n| {
+            foresee::after_first_pass(
+                &t.model,
+                &t.settings,
+                &t.samples[..n],
+                Duration::from_millis(250),
+            )
+        });
+        let Some(live) = live else {
+            // Switched over at the end of its first pass: there is no "after".
+            assert!(
+                t.samples.iter().all(|s| s.pass < 2 || s.status != "active"),
+                "{}",
+                t.name
+            );
+            continue;
+        };
+        judged += 1;
+        if let Err(e) = within_20_pct(&t, &live.prediction) {
+            failures.push(format!("{}: {e}", t.name));
+        }
+    }
+    assert!(judged >= 3, "only {judged} traces had a second pass");
+    assert!(failures.is_empty(), "{failures:#?}");
+}
