@@ -44,8 +44,8 @@ pub struct VmCalibration {
     pub dirty_factor: Option<f64>,
     /// Non-zero share of the RAM the first pass found.
     pub nonzero_fraction: Option<f64>,
-    /// Throttling at a high percentage left the dirty rate where it was.
-    pub throttle_ineffective: bool,
+    /// Whether throttling slowed this guest the last time it was tried (`None`: never tried).
+    pub throttle_works: Option<bool>,
     /// Seconds since the epoch of the last update.
     pub updated_s: u64,
 }
@@ -74,9 +74,9 @@ pub struct Lesson {
     /// live dirtied ÷ predicted dirtied for the first pass's duration.
     pub dirty_factor: Option<f64>,
     pub nonzero_fraction: Option<f64>,
-    /// `Some(true)` when the ladder found throttling ineffective, `Some(false)` when throttling did bring the
-    /// dirty rate down, `None` when the migration did not throttle.
-    pub throttle_ineffective: Option<bool>,
+    /// `Some(false)` when the ladder found throttling did not slow the guest, `Some(true)` when a throttled
+    /// precopy completed, `None` when the migration did not throttle.
+    pub throttle_worked: Option<bool>,
     /// The link's throughput, when it stayed below the cap.
     pub link_throughput_bytes_per_s: Option<f64>,
 }
@@ -102,8 +102,8 @@ impl Calibration {
         if let Some(z) = lesson.nonzero_fraction.filter(|z| (0.0..=1.0).contains(z)) {
             entry.nonzero_fraction = Some(smooth(entry.nonzero_fraction, z));
         }
-        if let Some(t) = lesson.throttle_ineffective {
-            entry.throttle_ineffective = t;
+        if let Some(t) = lesson.throttle_worked {
+            entry.throttle_works = Some(t);
         }
         entry.runs += 1;
         entry.updated_s = now_s;
@@ -233,19 +233,19 @@ mod tests {
         let mut c = Calibration::default();
         let key = link_key("h1", "h2");
         let mut l = lesson(1.0);
-        l.throttle_ineffective = Some(true);
+        l.throttle_worked = Some(false);
         l.link_throughput_bytes_per_s = Some(100.0);
         c.learn("vm1", Some(&key), &l, 1);
-        assert!(c.vms["vm1"].throttle_ineffective);
+        assert_eq!(c.vms["vm1"].throttle_works, Some(false));
         // A migration that did not throttle says nothing about it.
-        l.throttle_ineffective = None;
+        l.throttle_worked = None;
         l.link_throughput_bytes_per_s = Some(50.0);
         c.learn("vm1", Some(&key), &l, 2);
-        assert!(c.vms["vm1"].throttle_ineffective);
+        assert_eq!(c.vms["vm1"].throttle_works, Some(false));
         assert_eq!(c.links[&key].throughput_bytes_per_s, 75.0);
-        l.throttle_ineffective = Some(false);
+        l.throttle_worked = Some(true);
         c.learn("vm1", Some(&key), &l, 3);
-        assert!(!c.vms["vm1"].throttle_ineffective);
+        assert_eq!(c.vms["vm1"].throttle_works, Some(true));
     }
 
     #[test]

@@ -48,8 +48,10 @@ pub enum GuestMemError {
         pid: i32,
         ram_bytes: u64,
     },
-    #[error("{process}: permission denied on /proc/{pid}/mem (reading it needs root or ptrace rights over QEMU)")]
-    MemDenied { process: String, pid: i32 },
+    #[error(
+        "{process}: permission denied on {path} (reading it needs root or ptrace rights over QEMU)"
+    )]
+    Denied { process: String, path: String },
     #[error("{process}: cannot read /proc/{pid}/mem at {address:#x}")]
     Mem {
         process: String,
@@ -58,11 +60,13 @@ pub enum GuestMemError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{process}: reading sampled pages failed")]
+    #[error("{process}: {step} failed")]
     Remote {
         process: String,
+        /// What was being done: reading smaps, reading sampled pages, finding the process.
+        step: &'static str,
         #[source]
-        source: HostError,
+        source: Box<HostError>,
     },
     #[error("{process}: reading sampled pages printed {what}")]
     RemoteOutput { process: String, what: String },
@@ -106,7 +110,7 @@ struct Entry<'a> {
     perms: &'a str,
     path: &'a str,
     size_kib: Option<u64>,
-    /// `dc` in VmFlags: QEMU marks every RAM block MADV_DONTFORK, and nothing else it maps.
+    /// `dc` in VmFlags: QEMU marks its RAM blocks MADV_DONTFORK (not its TCG code buffer, stacks or arenas).
     dont_fork: bool,
 }
 
@@ -279,11 +283,19 @@ pub fn sample_local(
     samples: u32,
 ) -> Result<NonZeroEstimate, GuestMemError> {
     let process = local_process(pid);
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).map_err(|source| {
-        GuestMemError::Smaps {
-            process: process.clone(),
-            pid,
-            source,
+    let smaps_path = format!("/proc/{pid}/smaps");
+    let smaps = std::fs::read_to_string(&smaps_path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            GuestMemError::Denied {
+                process: process.clone(),
+                path: smaps_path.clone(),
+            }
+        } else {
+            GuestMemError::Smaps {
+                process: process.clone(),
+                pid,
+                source,
+            }
         }
     })?;
     let m = ram_mapping(&smaps, ram_bytes).ok_or_else(|| GuestMemError::NoMapping {
@@ -293,9 +305,9 @@ pub fn sample_local(
     })?;
     let mem_error = |address: u64, source: std::io::Error| {
         if source.kind() == std::io::ErrorKind::PermissionDenied {
-            GuestMemError::MemDenied {
+            GuestMemError::Denied {
                 process: process.clone(),
-                pid,
+                path: format!("/proc/{pid}/mem"),
             }
         } else {
             GuestMemError::Mem {
@@ -321,6 +333,24 @@ pub fn sample_local(
     Ok(estimate(ram_bytes, offsets.len() as u64, nonzero))
 }
 
+/// PURE: what a failed remote command means: `cat` and `dd` say "Permission denied" when the host's user may not
+/// read the process's `path`; anything else is the step's failure.
+fn remote_error(process: &str, step: &'static str, path: &str, source: HostError) -> GuestMemError {
+    match &source {
+        HostError::Command { stderr, .. } if stderr.contains("Permission denied") => {
+            GuestMemError::Denied {
+                process: process.to_string(),
+                path: path.to_string(),
+            }
+        }
+        _ => GuestMemError::Remote {
+            process: process.to_string(),
+            step,
+            source: Box::new(source),
+        },
+    }
+}
+
 /// For each address $2.. in the memory of process $1, prints 1 if its page holds a non-zero byte, else 0. The first
 /// page is read once alone so that a refusal (permission, no such process) ends the script with dd's reason.
 const PAGES_SCRIPT: &str = r#"m=/proc/$1/mem; shift
@@ -339,28 +369,12 @@ pub async fn sample_remote(
     timeout: Duration,
 ) -> Result<NonZeroEstimate, GuestMemError> {
     let process = format!("host {}, QEMU pid {pid}", link.name());
-    let remote = |source: HostError| {
-        let denied = matches!(&source, HostError::Command { stderr, .. } if stderr.contains("Permission denied"));
-        if denied {
-            GuestMemError::MemDenied {
-                process: process.clone(),
-                pid,
-            }
-        } else {
-            GuestMemError::Remote {
-                process: process.clone(),
-                source,
-            }
-        }
-    };
     let smaps_path = format!("/proc/{pid}/smaps");
+    let mem_path = format!("/proc/{pid}/mem");
     let out = link
         .run(&["cat", &smaps_path], timeout)
         .await
-        .map_err(|source| GuestMemError::Remote {
-            process: process.clone(),
-            source,
-        })?;
+        .map_err(|e| remote_error(&process, "reading smaps", &smaps_path, e))?;
     let smaps = String::from_utf8_lossy(&out.stdout);
     let m = ram_mapping(&smaps, ram_bytes).ok_or_else(|| GuestMemError::NoMapping {
         process: process.clone(),
@@ -376,7 +390,10 @@ pub async fn sample_remote(
     // `run` quotes every argument for the remote shell (shlex); the script gets them as $1, $2…
     let mut argv = vec!["sh", "-c", PAGES_SCRIPT, "sh", &pid_arg];
     argv.extend(addresses.iter().map(String::as_str));
-    let out = link.run(&argv, timeout).await.map_err(remote)?;
+    let out = link
+        .run(&argv, timeout)
+        .await
+        .map_err(|e| remote_error(&process, "reading sampled pages", &mem_path, e))?;
     // A page that failed after the first (the process gone meanwhile) printed 0 and dd's complaint.
     if let Some(said) = out.stderr.lines().rev().find(|l| !l.trim().is_empty()) {
         return Err(GuestMemError::RemoteOutput {
@@ -409,7 +426,8 @@ pub async fn sample(
             .await
             .map_err(|source| GuestMemError::Remote {
                 process: format!("host {}, QEMU of {socket}", link.name()),
-                source,
+                step: "finding the process",
+                source: Box::new(source),
             })?;
         return sample_remote(link, p.pid, ram_bytes, REMOTE_SAMPLES, REMOTE_TIMEOUT).await;
     }
@@ -655,6 +673,38 @@ VmFlags: rd wr mr mw me dc ac
         let json = serde_json::to_value(estimate(ram, 4, 1)).unwrap();
         assert_eq!(json["method"], "page-contents");
         assert_eq!(json["nonzero_bytes"], 64 * MIB);
+    }
+
+    #[test]
+    fn remote_failures_say_what_failed() {
+        let command = |stderr: &str| HostError::Command {
+            host: "far".into(),
+            command: "cat /proc/7/smaps".into(),
+            status: "exit 1".into(),
+            stderr: stderr.into(),
+        };
+        let p = "host far, QEMU pid 7";
+        let cases = [
+            (
+                command("cat: /proc/7/smaps: Permission denied\n"),
+                "host far, QEMU pid 7: permission denied on /proc/7/smaps (reading it needs root or ptrace rights over QEMU)",
+            ),
+            (
+                command("cat: /proc/7/smaps: No such file or directory\n"),
+                "host far, QEMU pid 7: reading smaps failed",
+            ),
+            (
+                HostError::Unreachable {
+                    host: "far".into(),
+                    reason: "Permission denied (publickey)".into(),
+                },
+                "host far, QEMU pid 7: reading smaps failed",
+            ),
+        ];
+        for (source, want) in cases {
+            let e = remote_error(p, "reading smaps", "/proc/7/smaps", source);
+            assert_eq!(e.to_string(), want);
+        }
     }
 
     #[test]

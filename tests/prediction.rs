@@ -2,7 +2,9 @@
 //! each fixture in tests/fixtures/traces/ is a trimmed `--json` report — the model's inputs as measured before the
 //! start, the ladder's settings, every `query-migrate` poll (`samples`) and what happened. The forecast before the
 //! start and the one after the first pass are recomputed from them, purely, and must land within ±20 % of QEMU's
-//! total time. `scripts/record-traces` recorded them.
+//! total time. The model's input is rebuilt from the raw measurements (dirty-rate windows, the non-zero estimate,
+//! the cap) with today's code, so a change to the model is judged against the same recordings.
+//! `scripts/record-traces` recorded them.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use std::time::Duration;
 use qmigrate::migrate::foresee;
 use qmigrate::migrate::ladder::LadderSettings;
 use qmigrate::predict::{self, Ending, ModelInput};
-use qmigrate::report::Sample;
+use qmigrate::report::{DirtyRateBefore, FirstPassEstimate, Sample};
 use serde_json::Value;
 
 struct Trace {
@@ -39,10 +41,27 @@ fn traces() -> Vec<Trace> {
                 .cloned()
                 .unwrap_or_else(|| panic!("{}: no {k}", path.display()))
         };
+        // The model's input rebuilt from what was measured before the start, by today's model.
+        let settings: LadderSettings = serde_json::from_value(field("settings")).expect("settings");
+        let mut dirty: DirtyRateBefore =
+            serde_json::from_value(field("dirty_rate_before")).expect("dirty_rate_before");
+        let ram_bytes = field("ram_bytes").as_u64().unwrap();
+        dirty.model = foresee::fit(&dirty.windows, ram_bytes);
+        let first: FirstPassEstimate =
+            serde_json::from_value(field("first_pass_estimate")).expect("first_pass_estimate");
+        let cap = field("settings")["bandwidth_bytes_per_s"].as_u64().unwrap();
+        let model = foresee::model_input(
+            ram_bytes,
+            &first,
+            Some(&dirty),
+            foresee::throughput(cap, u64::MAX, None),
+            settings.downtime,
+            false,
+        );
         out.push(Trace {
             name: path.file_stem().unwrap().to_string_lossy().into_owned(),
-            model: serde_json::from_value(field("model")).expect("model"),
-            settings: serde_json::from_value(field("settings")).expect("settings"),
+            model,
+            settings,
             samples: serde_json::from_value(field("samples")).expect("samples"),
             completed: field("outcome") == "completed",
             total_time_ms: field("total_time_ms").as_u64().unwrap(),

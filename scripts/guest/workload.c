@@ -42,6 +42,7 @@ static int dirty(long mib, long mib_per_s) {
     uint64_t *mem = malloc(bytes);
     if (!mem) { perror("malloc"); return 1; }
     memset(mem, 1, bytes); /* fault every page in, so it is real guest RAM */
+    __asm__ volatile("" : : "r"(mem) : "memory"); /* ...and keep gcc from dropping the memset as unread */
     uint64_t s = 88172645463325252ULL;
     /* Pages per check interval: with a rate, dirty `budget` pages every 10 ms. */
     double budget = mib_per_s > 0 ? (double)mib_per_s * 256.0 / 100.0 : 0;

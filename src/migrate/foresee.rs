@@ -58,19 +58,24 @@ pub async fn measure_dirty(src: &Qmp, long: Duration, ram_bytes: u64) -> Option<
         last = Some(w);
     }
     let (longest, mode) = last?;
-    let fit: Vec<(f64, f64)> = windows
-        .iter()
-        .map(|w| (w.window_ms as f64 / 1000.0, w.dirtied_bytes as f64))
-        .collect();
     Some(DirtyRateBefore {
         bytes_per_s: (longest.dirtied_bytes as f64 * 1000.0 / longest.window_ms as f64) as u64,
         trust: trust(&mode).to_string(),
         mode,
         calc_time_ms: longest.window_ms,
+        model: fit(&windows, ram_bytes),
         windows,
-        model: DirtyModel::fit(&fit, ram_bytes),
         calibration_factor: None,
     })
+}
+
+/// `R` and `W` fitted to measured windows ([`DirtyModel::fit`]).
+pub fn fit(windows: &[DirtyWindow], ram_bytes: u64) -> DirtyModel {
+    let points: Vec<(f64, f64)> = windows
+        .iter()
+        .map(|w| (w.window_ms as f64 / 1000.0, w.dirtied_bytes as f64))
+        .collect();
+    DirtyModel::fit(&points, ram_bytes)
 }
 
 /// One `calc-dirty-rate` window; `Err` when QEMU refuses it (no millisecond unit before 8.2).
@@ -145,6 +150,7 @@ pub fn model_input(
     dirty: Option<&DirtyRateBefore>,
     link: Link,
     downtime_limit: Duration,
+    throttle_works: bool,
 ) -> ModelInput {
     let model = dirty.map_or(DirtyModel::unbounded(0.0, ram_bytes), |d| {
         d.model
@@ -152,6 +158,7 @@ pub fn model_input(
     });
     ModelInput {
         ram_bytes,
+        throttle_works,
         nonzero_bytes: first.nonzero_bytes.min(ram_bytes),
         page_bytes: 4096,
         dirty: model,
@@ -186,7 +193,7 @@ pub fn throughput(
         (None, None) => predict::DEFAULT_LINK_BYTES_PER_S,
     };
     Link {
-        stream_bytes_per_s: link.min(cap_bytes_per_s as f64),
+        stream_bytes_per_s: link.min(cap_bytes_per_s as f64 * predict::CAP_OVERSHOOT),
         link_bytes_per_s: link,
     }
 }
@@ -217,7 +224,12 @@ pub fn after_first_pass(
         input.throughput_bytes_per_s
     };
     let since_sync_s = (now.at_ms - prev.at_ms) as f64 / 2000.0;
-    let dirtied = now.remaining_bytes as f64 + bw * since_sync_s.min(poll_interval.as_secs_f64());
+    // What the sync found: what is left now and what was sent since; of it, what the first pass had left unsent
+    // (up to the threshold, memory outside the working set) was not dirtied.
+    let found = now.remaining_bytes as f64 + bw * since_sync_s.min(poll_interval.as_secs_f64());
+    let threshold = bw * now.downtime_limit_ms as f64 / 1000.0;
+    let unsent = (threshold - bw * input.costs.sync_margin.as_secs_f64()).max(0.0);
+    let dirtied = (found - unsent).max(found * 0.1);
     let predicted = input.dirty.dirtied_in(first_pass_s);
     let (model, factor) = if predicted > 0.0 {
         let f = dirtied / predicted;
@@ -239,7 +251,7 @@ pub fn after_first_pass(
         &predict::Start {
             elapsed: Duration::from_secs_f64(first_pass_s),
             pass: 2,
-            volume_bytes: dirtied as u64,
+            volume_bytes: found as u64,
             sent_bytes: prev.transferred_bytes,
             downtime_limit: Duration::from_millis(now.downtime_limit_ms),
         },
@@ -273,13 +285,13 @@ pub fn lesson(
         .escalations
         .iter()
         .any(|e| e.reason.contains(super::ladder::THROTTLE_NOT_WORKING));
-    let throttle_ineffective = if gave_up_on_throttle {
-        Some(true)
+    let throttle_worked = if gave_up_on_throttle {
+        Some(false)
     } else if report.max_throttle_pct > 0
         && report.outcome == crate::report::Outcome::Completed
         && !report.postcopy
     {
-        Some(false)
+        Some(true)
     } else {
         None
     };
@@ -296,7 +308,7 @@ pub fn lesson(
         method: before.map(|b| b.mode.clone()),
         dirty_factor,
         nonzero_fraction,
-        throttle_ineffective,
+        throttle_worked,
         link_throughput_bytes_per_s,
     }
 }

@@ -10,7 +10,7 @@
 //!    guest and finish offline).
 //!
 //! Throttling is given its chance, then judged: once it has been high ([`HIGH_THROTTLE_PCT`], or its ceiling if
-//! lower) for [`SETTLE_PASSES`] passes, or on for [`THROTTLE_PATIENCE_PASSES`], a migration still stalled either
+//! lower) for [`SETTLE_PASSES`] passes, or on for [`THROTTLE_PATIENCE`], a migration still stalled either
 //! kept its dirty rate above [`INEFFECTIVE_SHARE`] of the rate before throttling (the rung does not work: move on
 //! at once, to postcopy when allowed, else to the `--on-timeout` action, without waiting for the timeout), or the
 //! rate fell and it still stalls (postcopy when allowed, else throttling goes on until the timeout).
@@ -32,9 +32,10 @@ pub const MIN_PROGRESS: f64 = 0.10;
 /// Passes to wait after an escalation before judging again.
 pub const SETTLE_PASSES: u64 = 2;
 /// A throttle this high (or at its ceiling, if lower) should show in the dirty rate.
-pub const HIGH_THROTTLE_PCT: u64 = 80;
-/// Throttling is judged after this many passes even if QEMU never raised it high.
-pub const THROTTLE_PATIENCE_PASSES: u64 = 6;
+pub const HIGH_THROTTLE_PCT: u64 = 95;
+/// Throttling is judged after this long even if QEMU never raised it high: QEMU steps it up (30 %, then 20 % more)
+/// every two periods of at least a second, so 99 % comes about 10 s after the start.
+pub const THROTTLE_PATIENCE: Duration = Duration::from_secs(15);
 /// Throttling counts as not working while the dirty rate stays above this share of the rate before it.
 pub const INEFFECTIVE_SHARE: f64 = 0.5;
 /// Said in the reason when throttling is left for not working (the calibration looks for it).
@@ -108,6 +109,9 @@ pub struct Observation {
     pub dirty_rate_bytes_per_s: f64,
     /// QEMU's `cpu-throttle-percentage`.
     pub throttle_pct: u64,
+    /// What the sync that began this pass found to send, as well as it can be told (the remaining bytes at the
+    /// first poll of the pass plus what was sent since the sync); 0 when unknown.
+    pub pass_volume_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -139,9 +143,11 @@ pub struct Step {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Throttling {
     Off,
-    /// On since `since_pass`; the dirty rate before it (once seen) and the pass from which the throttle was high.
+    /// On since pass `since_pass` at `since`; the dirty rate before it (once seen) and the pass from which the
+    /// throttle was high.
     On {
         since_pass: u64,
+        since: Duration,
         rate_before_bytes_per_s: Option<f64>,
         high_since_pass: Option<u64>,
     },
@@ -176,6 +182,7 @@ impl Ladder {
             throttling: if settings.auto_converge == AutoConverge::On {
                 Throttling::On {
                     since_pass: 0,
+                    since: Duration::ZERO,
                     rate_before_bytes_per_s: None,
                     high_since_pass: None,
                 }
@@ -201,7 +208,8 @@ impl Ladder {
         }
         // Pass 0 is the set-up, before QEMU has counted anything.
         if obs.pass > 0 && self.pass_starts.last().is_none_or(|(p, _)| *p != obs.pass) {
-            self.pass_starts.push((obs.pass, obs.remaining_bytes));
+            self.pass_starts
+                .push((obs.pass, obs.pass_volume_bytes.max(obs.remaining_bytes)));
         }
         if obs.elapsed >= self.settings.timeout {
             return Some(self.on_timeout(obs));
@@ -247,10 +255,11 @@ impl Ladder {
     }
 
     /// Whether throttling had its chance (high for [`SETTLE_PASSES`] passes, or on for
-    /// [`THROTTLE_PATIENCE_PASSES`]) and what it did to the dirty rate.
+    /// [`THROTTLE_PATIENCE`]) and what it did to the dirty rate.
     fn judge_throttle(&self, obs: &Observation) -> Judgement {
         let Throttling::On {
             since_pass,
+            since,
             rate_before_bytes_per_s,
             high_since_pass,
         } = self.throttling
@@ -258,7 +267,7 @@ impl Ladder {
             return Judgement::Wait;
         };
         let had_chance = high_since_pass.is_some_and(|h| obs.pass >= h + SETTLE_PASSES)
-            || obs.pass >= since_pass + THROTTLE_PATIENCE_PASSES;
+            || obs.elapsed >= since + THROTTLE_PATIENCE;
         if !had_chance {
             return Judgement::Wait;
         }
@@ -324,6 +333,7 @@ impl Ladder {
             nonzero_bytes: obs.remaining_bytes,
             page_bytes: 4096,
             dirty: DirtyModel::unbounded(obs.dirty_rate_bytes_per_s, obs.remaining_bytes),
+            throttle_works: false,
             throughput_bytes_per_s: obs.throughput_bytes_per_s,
             switchover_throughput_bytes_per_s: obs.throughput_bytes_per_s,
             downtime_limit: self.downtime,
@@ -353,13 +363,19 @@ impl Ladder {
             predict::bytes(obs.throughput_bytes_per_s)
         );
         if self.downtime < self.settings.max_downtime {
-            let needed = predict::downtime_needed(obs.remaining_bytes, obs.throughput_bytes_per_s);
+            // What the last sync found is what has to fit, not what is left of it by the time of this poll.
+            let found = self
+                .pass_starts
+                .last()
+                .map_or(obs.remaining_bytes, |(_, r)| (*r).max(obs.remaining_bytes));
+            let needed = predict::downtime_needed(found, obs.throughput_bytes_per_s);
             // Straight to what switching over now needs when the ceiling allows it, with a quarter of headroom since
             // the remaining data keeps moving while QEMU decides; doubling otherwise (also when that was tried and
             // QEMU still did not switch over: it saw a slower link than we did).
             let wanted = needed.mul_f64(1.25);
             let max = self.settings.max_downtime;
-            let to = if wanted > self.downtime && wanted <= max {
+            // A raise smaller than the headroom means QEMU did not switch over at what we computed: double.
+            let to = if wanted > self.downtime.mul_f64(1.25) && wanted <= max {
                 wanted
             } else {
                 (self.downtime * 2).min(max)
@@ -377,6 +393,7 @@ impl Ladder {
         if self.settings.auto_converge == AutoConverge::Auto && self.throttling == Throttling::Off {
             self.throttling = Throttling::On {
                 since_pass: obs.pass,
+                since: obs.elapsed,
                 rate_before_bytes_per_s: (obs.dirty_rate_bytes_per_s > 0.0)
                     .then_some(obs.dirty_rate_bytes_per_s),
                 high_since_pass: None,
@@ -467,6 +484,7 @@ mod tests {
             throughput_bytes_per_s: (32 * MIB) as f64,
             dirty_rate_bytes_per_s: (200 * MIB) as f64,
             throttle_pct: 0,
+            pass_volume_bytes: 0,
         }
     }
 
@@ -486,10 +504,10 @@ mod tests {
             increment_pct: 20,
             max_pct: 99,
         };
-        // (auto-converge, postcopy, max downtime ms) -> the actions over passes 1..=12, the clock at 1 s a pass.
+        // (auto-converge, postcopy, max downtime ms) -> the actions over passes 1..=24, the clock at 1 s a pass.
         let table: Vec<(AutoConverge, Postcopy, u64, Vec<Action>)> = vec![
             (AutoConverge::Off, Postcopy::Never, 300, vec![]),
-            // Throttling that leaves the dirty rate where it was is judged after its patience, and then the
+            // Throttling that never rises is given its patience, then judged: the dirty rate did not move, so the
             // timeout action comes at once.
             (
                 AutoConverge::Auto,
@@ -524,7 +542,7 @@ mod tests {
         ];
         for (ac, pc, max, want) in table {
             let mut l = Ladder::new(settings(ac, pc, max));
-            assert_eq!(run(&mut l, 1..=12), want, "{ac:?} {pc:?} {max}");
+            assert_eq!(run(&mut l, 1..=24), want, "{ac:?} {pc:?} {max}");
         }
     }
 
@@ -547,6 +565,7 @@ mod tests {
                 throughput_bytes_per_s: (512 * MIB) as f64,
                 dirty_rate_bytes_per_s: (8 * MIB) as f64,
                 throttle_pct: 0,
+                pass_volume_bytes: 0,
             };
             assert_eq!(l.step(&obs), None, "pass {p}");
         }

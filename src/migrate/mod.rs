@@ -317,6 +317,8 @@ const RECONNECT_WINDOW: Duration = Duration::from_secs(10);
 
 /// How long `--probe` goes on after a completed switch-over, for the guest to answer again on the destination.
 const PROBE_AFTER_SWITCHOVER: Duration = Duration::from_secs(2);
+/// Bound on sampling the guest's memory before the start (over ssh it reads a few hundred pages one by one).
+const GUEST_MEMORY_TIMEOUT: Duration = Duration::from_secs(40);
 /// Bound on one query of either end while the migration runs.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Consecutive unanswered polls after which the source counts as unreachable.
@@ -479,18 +481,11 @@ pub async fn migrate(
         dirty_rate_before.as_ref(),
         throughput,
         settings.downtime,
+        // Throttling is counted on only where it was seen to work for this VM.
+        remembered.and_then(|c| c.throttle_works) == Some(true),
     );
     let predicted = dirty_rate_before.as_ref().map(|_| predict::precopy(&model));
-    // Throttling this VM was seen not to work: the forecast does not count on it.
-    let throttle_known_useless = remembered.is_some_and(|c| c.throttle_ineffective);
-    let forecast_settings = LadderSettings {
-        auto_converge: if throttle_known_useless {
-            AutoConverge::Off
-        } else {
-            settings.auto_converge
-        },
-        ..settings.clone()
-    };
+    let forecast_settings = settings.clone();
     let forecast = dirty_rate_before
         .as_ref()
         .map(|_| predict::run(&model, &forecast_settings));
@@ -501,10 +496,10 @@ pub async fn migrate(
             "forecast: cannot complete within the {} timeout ({}){}",
             humantime::format_duration(settings.timeout),
             f.reason,
-            if throttle_known_useless {
-                "; throttling was not counted on: it did not slow this guest before"
-            } else {
+            if model.throttle_works || settings.auto_converge == AutoConverge::Off {
                 ""
+            } else {
+                "; throttling is not counted on until a migration of this VM has seen it work"
             }
         );
         if remedies.is_empty() {
@@ -692,6 +687,8 @@ struct Run<'a> {
     link_key: Option<String>,
     /// `--probe`, running from the start of the migration to its report.
     prober: Option<crate::probe::Prober>,
+    /// The pass in progress and what its sync found to send (estimated from the first poll in it).
+    pass_volume: (u64, u64),
     report: MigrationReport,
 }
 
@@ -782,6 +779,7 @@ impl<'a> Run<'a> {
             model: None,
             link_key: None,
             prober: None,
+            pass_volume: (0, 0),
             report,
         }
     }
@@ -1237,7 +1235,7 @@ impl<'a> Run<'a> {
                 if self.paused_at.is_some() || self.interrupted {
                     return None;
                 }
-                let obs = ladder_observation(&self.last, self.now());
+                let obs = ladder_observation(&self.last, self.now(), self.pass_volume.1);
                 self.ladder.step(&obs).map(|s| Observation::Ladder {
                     action: s.action,
                     reason: s.reason,
@@ -1456,8 +1454,17 @@ impl<'a> Run<'a> {
         } else {
             self.remember(info);
         }
-        let obs = ladder_observation(&self.last, self.now());
+        let obs = ladder_observation(&self.last, self.now(), self.pass_volume.1);
         let ram = self.last.ram.clone().unwrap_or_default();
+        if obs.pass != self.pass_volume.0 {
+            // A new pass since the last poll: the sync found what is left plus what was sent since it, about half
+            // the time since that poll.
+            let gap_s = self.report.samples.last().map_or(0.0, |s| {
+                (obs.elapsed.as_millis() as u64).saturating_sub(s.at_ms) as f64 / 1000.0
+            });
+            let sent_since = obs.throughput_bytes_per_s * gap_s / 2.0;
+            self.pass_volume = (obs.pass, ram.remaining.saturating_add(sent_since as u64));
+        }
         self.report.samples.push(Sample {
             at_ms: obs.elapsed.as_millis() as u64,
             status: status.clone(),
@@ -1728,7 +1735,11 @@ fn cap_list(caps: &[(&str, bool)]) -> MigrateSetCapabilities {
 }
 
 /// The figures the ladder decides on, from `query-migrate`; peer figures saturate instead of overflowing.
-fn ladder_observation(info: &MigrationInfo, elapsed: Duration) -> ladder::Observation {
+fn ladder_observation(
+    info: &MigrationInfo,
+    elapsed: Duration,
+    pass_volume_bytes: u64,
+) -> ladder::Observation {
     let ram = info.ram.clone().unwrap_or_default();
     ladder::Observation {
         elapsed,
@@ -1737,6 +1748,7 @@ fn ladder_observation(info: &MigrationInfo, elapsed: Duration) -> ladder::Observ
         throughput_bytes_per_s: ram.throughput_bytes_per_s(),
         dirty_rate_bytes_per_s: ram.dirty_rate_bytes_per_s() as f64,
         throttle_pct: info.cpu_throttle_percentage.unwrap_or(0),
+        pass_volume_bytes,
     }
 }
 
@@ -1995,8 +2007,32 @@ async fn sample_guest_memory(
     src: &Qmp,
     ram_bytes: u64,
 ) -> Option<crate::report::FirstPassEstimate> {
-    let _ = (req, src, ram_bytes);
-    None
+    let link = req.source_host.as_deref();
+    let socket = req.source.strip_prefix("unix:").unwrap_or(&req.source);
+    match tokio::time::timeout(
+        GUEST_MEMORY_TIMEOUT,
+        crate::guestmem::sample(src, link, socket, ram_bytes),
+    )
+    .await
+    {
+        Ok(Ok(e)) => Some(crate::report::FirstPassEstimate {
+            nonzero_bytes: e.nonzero_bytes,
+            method: e.method.to_string(),
+            margin_bytes: Some(e.margin_bytes),
+            detail: format!(
+                "{} of {} sampled pages non-zero",
+                e.nonzero_pages, e.sampled_pages
+            ),
+        }),
+        Ok(Err(e)) => {
+            info!(vm = %src.label(), "guest memory not sampled: {e}");
+            None
+        }
+        Err(_) => {
+            info!(vm = %src.label(), "guest memory not sampled within {GUEST_MEMORY_TIMEOUT:?}");
+            None
+        }
+    }
 }
 
 pub fn ending_name(e: predict::Ending) -> &'static str {
