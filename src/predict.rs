@@ -542,7 +542,8 @@ pub fn run_from(input: &ModelInput, settings: &LadderSettings, start: &Start) ->
         if !cut {
             pass += 1;
         }
-        let period_ended = rate.add(elapsed_s, dirtied);
+        // QEMU counts the pages a sync newly finds dirty, not those dirtied again while already unsent.
+        let period_ended = rate.add(elapsed_s, (volume - unsent).max(0.0));
         if let Some(th) = throttle.as_mut().filter(|_| period_ended) {
             th.period_ended();
         }
@@ -634,7 +635,7 @@ impl SimThrottle {
 
     fn period_ended(&mut self) {
         self.periods += 1;
-        if self.periods % 2 == 0 {
+        if self.periods.is_multiple_of(2) {
             self.pct = if self.pct == 0 {
                 self.initial
             } else {

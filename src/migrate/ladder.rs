@@ -314,10 +314,12 @@ impl Ladder {
         let n = self.pass_starts.len();
         if n > STALL_PASSES {
             let (old_pass, old) = self.pass_starts[n - 1 - STALL_PASSES];
-            if obs.remaining_bytes as f64 > old as f64 * (1.0 - MIN_PROGRESS) {
+            // Like against like: what this pass's sync found against what that one's found.
+            let (_, now) = self.pass_starts[n - 1];
+            if now as f64 > old as f64 * (1.0 - MIN_PROGRESS) {
                 return Some(format!(
                     "remaining {} at pass {} vs {} at pass {old_pass}: less than {:.0}% progress",
-                    predict::bytes(obs.remaining_bytes as f64),
+                    predict::bytes(now as f64),
                     obs.pass,
                     predict::bytes(old as f64),
                     MIN_PROGRESS * 100.0

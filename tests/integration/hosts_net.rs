@@ -159,7 +159,17 @@ async fn a_web_guest_moved_to_another_host_stays_reachable_at_its_address() {
     );
 
     let inv = tb.dir.join("inventory.toml").display().to_string();
-    let run = migrate_to(&inv, "web", "h2", &["--json"]).await;
+    // The guest's clients' view of the downtime: a TCP connect to its web server every 10 ms from the client
+    // namespace, beside QEMU's own figure.
+    let probe = format!("tcp:{}:80", nic.ip);
+    let netns = format!("{}-client", tb.name);
+    let run = migrate_to(
+        &inv,
+        "web",
+        "h2",
+        &["--json", "--probe", &probe, "--probe-netns", &netns],
+    )
+    .await;
     assert!(
         !run.stderr.contains("named tap"),
         "the destination on h2 was mirrored as if on the same host (launch_on_host must call \
@@ -173,6 +183,26 @@ async fn a_web_guest_moved_to_another_host_stays_reachable_at_its_address() {
     assert_eq!(r["outcome"], "completed", "{r:#}");
     assert_eq!(r["final_state"]["running_copies"], 1, "{r:#}");
     assert_eq!(r["source_quit"], true, "{r:#}");
+    let g = &r["guest_reachability"];
+    assert_eq!(g["target"], probe.as_str(), "{r:#}");
+    assert_eq!(g["interval_ms"], 10, "{r:#}");
+    let probes = g["probes"].as_u64().unwrap();
+    let total = r["total_time_ms"].as_u64().unwrap();
+    assert!(
+        probes * 10 >= total / 2,
+        "{probes} probes over {total} ms: {g:#}"
+    );
+    // The guest answered before the switch-over, stopped answering around it, and answered again on h2.
+    assert_eq!(g["reachable_before"], true, "{g:#}");
+    assert_eq!(g["recovered"], true, "{g:#}");
+    let unreachable = g["longest_unreachable_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("the switch-over went unseen: {g:#}"));
+    let downtime = r["downtime_ms"].as_u64().unwrap();
+    assert!(
+        unreachable + 20 >= downtime && unreachable < 30_000,
+        "unreachable {unreachable} ms, QEMU's downtime {downtime} ms: {g:#}"
+    );
     assert!(
         r["uri"]
             .as_str()
