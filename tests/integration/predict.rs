@@ -119,7 +119,9 @@ async fn a_hopeless_migration_is_refused_up_front_and_the_message_names_the_reme
     assert!(run.stdout.is_empty(), "{run:?}");
     assert_eq!(run_state(&src).await, "running");
     assert_eq!(run_state(&dst).await, "inmigrate");
-    assert_eq!(migration_status(&src).await, "none");
+    // Never started: QEMU has no migration to report.
+    let status = migration_status(&src).await;
+    assert!(matches!(status.as_str(), "" | "none"), "{status}");
 }
 
 /// A forecast made with the pre-start figures, then again after the first pass; and the lesson remembered: the
