@@ -717,24 +717,6 @@ pub fn downtime_needed(remaining_bytes: u64, bandwidth_bytes_per_s: f64) -> Dura
     Duration::from_secs_f64(remaining_bytes as f64 / bandwidth_bytes_per_s.max(1.0))
 }
 
-/// The first pass's volume as far as a running migration has shown it: the pages sent whole so far, plus the
-/// part of what is left that is predicted non-zero at the rate seen so far. `None` before QEMU counted a page.
-pub fn first_pass_nonzero(
-    ram_bytes: u64,
-    page_bytes: u64,
-    normal_pages: u64,
-    zero_pages: u64,
-) -> Option<u64> {
-    let scanned = normal_pages + zero_pages;
-    if scanned == 0 {
-        return None;
-    }
-    let pages = ram_bytes / page_bytes.max(1);
-    let left = pages.saturating_sub(scanned) as f64;
-    let nonzero = normal_pages as f64 + left * normal_pages as f64 / scanned as f64;
-    Some((nonzero * page_bytes as f64) as u64)
-}
-
 fn ms(s: f64) -> u64 {
     (s.max(0.0) * 1000.0).round() as u64
 }
@@ -963,20 +945,6 @@ mod tests {
         assert_eq!(p.passes, 2);
         // 3 s spent, 4 MiB left: sent at the link's own speed with the guest stopped, plus the switch-over.
         assert!((3015..3030).contains(&p.total_time_ms), "{p:?}");
-    }
-
-    #[test]
-    fn first_pass_extrapolates_the_share_seen_so_far() {
-        let page = 4096;
-        let ram = 256 * 1024 * 1024;
-        assert_eq!(first_pass_nonzero(ram, page, 0, 0), None);
-        // A quarter scanned, a third of it non-zero: a third of the RAM.
-        let pages = ram / page;
-        let got = first_pass_nonzero(ram, page, pages / 12, pages / 6).unwrap();
-        assert!(
-            (got as f64 / (ram as f64 / 3.0) - 1.0).abs() < 0.01,
-            "{got}"
-        );
     }
 
     #[test]
