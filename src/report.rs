@@ -201,6 +201,62 @@ pub struct ReportSettings {
 }
 
 impl MigrationReport {
+    /// A report of a migration between `source` and `destination` over `uri` with nothing measured yet: the
+    /// outcome `failed` until the run says otherwise.
+    pub fn new(
+        vm: String,
+        source: String,
+        destination: String,
+        uri: String,
+        settings: ReportSettings,
+    ) -> MigrationReport {
+        MigrationReport {
+            vm,
+            source_quit: false,
+            source,
+            destination,
+            destination_pid: None,
+            uri,
+            outcome: Outcome::Failed,
+            reason: None,
+            total_time_ms: 0,
+            downtime_ms: None,
+            migration_time_ms: 0,
+            setup_time_ms: None,
+            transferred_bytes: 0,
+            ram_bytes: 0,
+            passes: 0,
+            max_throttle_pct: 0,
+            postcopy: false,
+            postcopy_requests: 0,
+            paused_offline: false,
+            paused_ms: None,
+            escalations: Vec::new(),
+            dirty_rate_before: None,
+            first_pass_estimate: None,
+            model: None,
+            predicted: None,
+            forecast: None,
+            forecast_after_first_pass: None,
+            warnings: Vec::new(),
+            guest_reachability: None,
+            settings,
+            final_state: FinalState {
+                source: String::new(),
+                destination: String::new(),
+                guest_shutdown: false,
+                running_copies: 0,
+            },
+            interrupted: false,
+            adopted: false,
+            phases: Vec::new(),
+            recoveries: Vec::new(),
+            samples: Vec::new(),
+            qemu_source: String::new(),
+            qemu_destination: String::new(),
+        }
+    }
+
     /// A human-readable table.
     pub fn to_table(&self) -> String {
         use crate::text::printable;

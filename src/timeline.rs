@@ -558,66 +558,47 @@ mod tests {
     use crate::report::{Escalation, FinalState, Outcome, ReportSettings};
 
     fn report(samples: Vec<Sample>, escalations: Vec<Escalation>) -> MigrationReport {
+        let settings = ReportSettings {
+            ladder: LadderSettings {
+                downtime: Duration::from_millis(300),
+                max_downtime: Duration::from_secs(2),
+                timeout: Duration::from_secs(600),
+                auto_converge: AutoConverge::Auto,
+                max_throttle_pct: 99,
+                postcopy: Postcopy::Fallback,
+                on_timeout: OnTimeout::Cancel,
+            },
+            bandwidth_bytes_per_s: 0,
+        };
         MigrationReport {
-            vm: "web-1".into(),
-            source_quit: false,
-            source: "unix:/run/src.qmp".into(),
-            destination: "unix:/run/dst.qmp".into(),
-            destination_pid: None,
-            uri: "tcp:127.0.0.1:4444".into(),
             outcome: Outcome::Completed,
-            reason: None,
             total_time_ms: samples.last().map_or(0, |s| s.at_ms + 200),
             downtime_ms: Some(120),
-            migration_time_ms: 0,
-            setup_time_ms: None,
-            transferred_bytes: 0,
             ram_bytes: 4 << 30,
             passes: samples.last().map_or(0, |s| s.pass),
-            max_throttle_pct: 0,
-            postcopy: false,
-            postcopy_requests: 0,
-            paused_offline: false,
-            paused_ms: None,
             escalations,
-            dirty_rate_before: None,
-            first_pass_estimate: None,
-            model: None,
-            predicted: None,
-            forecast: None,
-            forecast_after_first_pass: None,
-            warnings: Vec::new(),
-            guest_reachability: None,
-            settings: ReportSettings {
-                ladder: LadderSettings {
-                    downtime: Duration::from_millis(300),
-                    max_downtime: Duration::from_secs(2),
-                    timeout: Duration::from_secs(600),
-                    auto_converge: AutoConverge::Auto,
-                    max_throttle_pct: 99,
-                    postcopy: Postcopy::Fallback,
-                    on_timeout: OnTimeout::Cancel,
-                },
-                bandwidth_bytes_per_s: 0,
-            },
             final_state: FinalState {
                 source: "postmigrate".into(),
                 destination: "running".into(),
                 guest_shutdown: false,
                 running_copies: 1,
             },
-            interrupted: false,
-            adopted: false,
             phases: vec![
                 phase(0, "checks"),
                 phase(50, "set-up"),
                 phase(100, "precopy"),
                 phase(100, "precopy"),
             ],
-            recoveries: Vec::new(),
             samples,
             qemu_source: "9.2.0".into(),
             qemu_destination: "9.2.0".into(),
+            ..MigrationReport::new(
+                "web-1".into(),
+                "unix:/run/src.qmp".into(),
+                "unix:/run/dst.qmp".into(),
+                "tcp:127.0.0.1:4444".into(),
+                settings,
+            )
         }
     }
 

@@ -708,55 +708,22 @@ impl<'a> Run<'a> {
             ..Rules::default()
         };
         let report = MigrationReport {
-            vm: req
-                .vm_name
-                .clone()
-                .unwrap_or_else(|| src.label().to_string()),
-            source_quit: false,
-            source: src.label().to_string(),
-            destination: dst.label().to_string(),
             destination_pid: dst.peer_pid(),
-            uri,
-            outcome: Outcome::Failed,
-            reason: None,
-            total_time_ms: 0,
-            downtime_ms: None,
-            migration_time_ms: 0,
-            setup_time_ms: None,
-            transferred_bytes: 0,
-            ram_bytes: 0,
-            passes: 0,
-            max_throttle_pct: 0,
-            postcopy: false,
-            postcopy_requests: 0,
-            paused_offline: false,
-            paused_ms: None,
-            escalations: Vec::new(),
-            dirty_rate_before: None,
-            first_pass_estimate: None,
-            model: None,
-            predicted: None,
-            forecast: None,
-            forecast_after_first_pass: None,
-            warnings: Vec::new(),
-            guest_reachability: None,
-            settings: ReportSettings {
-                ladder: req.ladder.clone(),
-                bandwidth_bytes_per_s: req.bandwidth_bytes_per_s,
-            },
-            final_state: FinalState {
-                source: String::new(),
-                destination: String::new(),
-                guest_shutdown: false,
-                running_copies: 0,
-            },
-            interrupted: false,
             adopted,
-            phases: Vec::new(),
-            recoveries: Vec::new(),
-            samples: Vec::new(),
             qemu_source: version_string(&src),
             qemu_destination: version_string(&dst),
+            ..MigrationReport::new(
+                req.vm_name
+                    .clone()
+                    .unwrap_or_else(|| src.label().to_string()),
+                src.label().to_string(),
+                dst.label().to_string(),
+                uri,
+                ReportSettings {
+                    ladder: req.ladder.clone(),
+                    bandwidth_bytes_per_s: req.bandwidth_bytes_per_s,
+                },
+            )
         };
         Run {
             src_events: src.events(),
