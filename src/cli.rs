@@ -47,6 +47,10 @@ pub enum Command {
     /// and web VMs first, net-receive VMs last, shortest job first otherwise), journaled and resumable; or move
     /// them back (--restore).
     Evacuate(EvacuateArgs),
+    /// Balance a cluster live: sample every host and VM of the inventory, run a policy (band, idc, sandpiper) every
+    /// --every (or --once), and carry out its decisions (balloon changes, migrations through the evacuation
+    /// executor), held back by cool-downs and a minimum gain.
+    Balance(BalanceArgs),
     /// Print a shell completion script for qmigrate.
     Completions(CompletionsArgs),
     /// Write qmigrate's man pages (one per subcommand) into a directory.
@@ -371,6 +375,71 @@ pub struct EvacuateArgs {
     /// rules.
     #[arg(long)]
     pub restore: bool,
+    /// Only these VMs (repeat the flag); default every VM of the host.
+    #[arg(long = "vm")]
+    pub vms: Vec<String>,
+    #[command(flatten)]
+    pub exec: ExecutorArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BalanceArgs {
+    /// The inventory file (TOML; see examples/inventory.toml).
+    #[arg(long)]
+    pub inventory: PathBuf,
+    /// The policy: band (paper 000), idc or sandpiper (paper 004).
+    #[arg(long)]
+    pub policy: String,
+    /// Decide once (after --samples rounds of samples) and stop.
+    #[arg(long, conflicts_with = "every")]
+    pub once: bool,
+    /// The time between two decisions (one round of samples each).
+    #[arg(long, default_value = "30s")]
+    pub every: String,
+    /// Rounds of samples taken, back to back, before the first decision.
+    #[arg(long, default_value_t = 3)]
+    pub samples: usize,
+    /// Rounds of history kept for the windowed averages and the AR(1) prediction.
+    #[arg(long, default_value_t = 10)]
+    pub window: usize,
+    /// Print the decisions with their reasons and figures, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Write the scenario each decision was made on to this file (replaced every round), for `qmigrate simulate`.
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Measure the traffic between VMs on the hosts over this window every round (for idc and the planner's
+    /// affinity); "0s" turns it off.
+    #[arg(long, default_value = "3s")]
+    pub traffic_window: String,
+    /// The least time between two moves of one VM.
+    #[arg(long, default_value = "1h")]
+    pub vm_cool_down: String,
+    /// The least time between two moves touching one host.
+    #[arg(long, default_value = "10m")]
+    pub host_cool_down: String,
+    /// The least predicted gain of a move, in points of the busier host's load (CPU, NIC or memory %).
+    #[arg(long, default_value_t = qmigrate::balance::guard::DEFAULT_MIN_GAIN_PCT)]
+    pub min_gain: f64,
+    /// Hotspot CPU threshold (idc, sandpiper), %.
+    #[arg(long)]
+    pub cpu_threshold: Option<f64>,
+    /// Hotspot NIC threshold (idc, sandpiper), %.
+    #[arg(long)]
+    pub nic_threshold: Option<f64>,
+    /// Hotspot swap threshold (idc, sandpiper), swap writes per second.
+    #[arg(long)]
+    pub swap_threshold: Option<f64>,
+    /// The balloon step answering a memory overload (idc, sandpiper), e.g. 32MiB.
+    #[arg(long)]
+    pub balloon_step: Option<String>,
+    #[command(flatten)]
+    pub exec: ExecutorArgs,
+}
+
+/// How the evacuation executor runs migrations (evacuate and balance).
+#[derive(Debug, clap::Args)]
+pub struct ExecutorArgs {
     /// The order VMs move in: informed (paper 001), fifo (inventory order), sjf (shortest predicted first) or
     /// random (with --seed).
     #[arg(long, default_value = "informed")]
@@ -378,9 +447,6 @@ pub struct EvacuateArgs {
     /// The seed of --order random.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Only these VMs (repeat the flag); default every VM of the host.
-    #[arg(long = "vm")]
-    pub vms: Vec<String>,
     /// Migrations leaving one host at once.
     #[arg(long, default_value_t = qmigrate::evacuate::DEFAULT_MAX_OUT)]
     pub max_out: usize,
@@ -391,7 +457,7 @@ pub struct EvacuateArgs {
     /// host's NIC capacity from the inventory.
     #[arg(long)]
     pub link_budget: Option<String>,
-    /// The journal (default $XDG_STATE_HOME/qmigrate/evacuate-HOST.jsonl).
+    /// The journal (default $XDG_STATE_HOME/qmigrate/evacuate-HOST.jsonl; for balance, balance.jsonl there).
     #[arg(long)]
     pub journal: Option<PathBuf>,
     /// Encrypt every stream with TLS (QEMU's tls-creds-x509, from each host's tls_dir).

@@ -44,6 +44,19 @@ pub fn rate_bytes_per_s(flag: &'static str, value: &str) -> Result<u64, ConfigEr
     Ok(bytes.as_u64())
 }
 
+/// Parses a size such as `32MiB` or `1GiB`.
+pub fn size_bytes(flag: &'static str, value: &str) -> Result<u64, ConfigError> {
+    value
+        .trim()
+        .parse::<bytesize::ByteSize>()
+        .map(|b| b.as_u64())
+        .map_err(|e| ConfigError::Invalid {
+            flag,
+            value: value.into(),
+            reason: format!("not a size ({e}); try 32MiB or 1GiB"),
+        })
+}
+
 /// Checks that the downtime limits are ordered and non-zero.
 pub fn downtimes(downtime: Duration, max_downtime: Duration) -> Result<(), ConfigError> {
     if downtime.is_zero() {

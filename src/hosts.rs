@@ -57,6 +57,9 @@ pub struct VmCheck {
     /// The figures behind the classes (same round).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub figures: Option<crate::classify::Figures>,
+    /// Memory, balloon and the guest's own memory statistics (same round); not in the check's JSON.
+    #[serde(skip)]
+    pub memory: Option<crate::stats::MemorySample>,
     pub groups: Vec<String>,
     pub anti_affinity: Vec<String>,
     /// What is wrong with this VM (unreachable socket, not QEMU), if anything.
@@ -73,6 +76,8 @@ pub struct HostCheck {
     pub transport: String,
     pub migration_address: String,
     pub vcpus: u32,
+    /// Physical CPUs: the inventory's `capacity.cpus`, else the count the host's `stats` round reported, else 1.
+    pub cpus: u32,
     pub memory_bytes: u64,
     pub nic_bytes_per_s: u64,
     pub reachable: bool,
@@ -220,6 +225,7 @@ async fn check_vm(
         migration: None,
         classes: Vec::new(),
         figures: None,
+        memory: None,
         groups: Vec::new(),
         anti_affinity: Vec::new(),
         error: None,
@@ -367,6 +373,7 @@ async fn check_host(
         },
         migration_address: h.migration_address.clone(),
         vcpus: h.capacity.vcpus,
+        cpus: h.capacity.cpus.max(1),
         memory_bytes: h.capacity.memory_bytes,
         nic_bytes_per_s: h.capacity.nic_bytes_per_s,
         reachable: false,
@@ -397,11 +404,15 @@ async fn check_host(
             .collect();
         if !live.is_empty() {
             match classes_on(link, &live).await {
-                Ok(mut found) => {
+                Ok((mut found, host_cpus)) => {
+                    if h.capacity.cpus == 0 {
+                        out.cpus = host_cpus.unwrap_or(1).max(1);
+                    }
                     for v in &mut out.vms {
-                        if let Some((labels, figures)) = found.remove(&v.socket) {
+                        if let Some((labels, figures, memory)) = found.remove(&v.socket) {
                             v.classes = labels;
                             v.figures = Some(figures);
+                            v.memory = memory;
                         }
                     }
                 }
@@ -418,10 +429,17 @@ const CLASSES_INTERVAL: &str = "1s";
 /// The classes of a host's VMs, from one `stats` round taken on that host (CPU and NIC figures come from its
 /// `/proc`): in this process for a local host; for an ssh host, by this same qmigrate executable run there over
 /// ssh, when it is installed at the same path (else a note says so).
+/// What one `stats` round found of a VM: its classes, their figures, and its memory.
+type Found = (
+    Vec<crate::classify::Label>,
+    crate::classify::Figures,
+    Option<crate::stats::MemorySample>,
+);
+
 async fn classes_on(
     link: &HostLink,
     sockets: &[String],
-) -> Result<BTreeMap<String, (Vec<crate::classify::Label>, crate::classify::Figures)>, String> {
+) -> Result<(BTreeMap<String, Found>, Option<u32>), String> {
     let snapshot = if link.is_local() {
         let interval = humantime::parse_duration(CLASSES_INTERVAL).expect("a duration");
         let snap =
@@ -462,9 +480,16 @@ async fn classes_on(
         };
         let labels: Vec<crate::classify::Label> =
             serde_json::from_value(classes.clone()).unwrap_or_default();
-        out.insert(socket.to_string(), (labels, figures_of(&vm["sample"])));
+        let memory = serde_json::from_value(vm["sample"]["memory"].clone()).ok();
+        out.insert(
+            socket.to_string(),
+            (labels, figures_of(&vm["sample"]), memory),
+        );
     }
-    Ok(out)
+    let host_cpus = snapshot["host"]["cpus"]
+        .as_u64()
+        .and_then(|c| u32::try_from(c).ok());
+    Ok((out, host_cpus))
 }
 
 /// The figures of a VM's sample as `stats --json` prints it: dirty rate, and the NIC rates summed over NICs.

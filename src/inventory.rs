@@ -59,7 +59,11 @@ pub enum DestinationStart {
 /// What a host can take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Capacity {
+    /// vCPUs the host offers its guests (may be overcommitted); 0 = not given.
     pub vcpus: u32,
+    /// Physical CPUs (cores or threads) that run them: the base of the host's CPU utilisation when balancing;
+    /// 0 = not given (the host's own count is used).
+    pub cpus: u32,
     pub memory_bytes: u64,
     pub nic_bytes_per_s: u64,
 }
@@ -236,6 +240,7 @@ impl Inventory {
                 None => Capacity::default(),
                 Some(c) => Capacity {
                     vcpus: c.vcpus.unwrap_or(0),
+                    cpus: c.cpus.unwrap_or(0),
                     memory_bytes: match c.memory {
                         None => 0,
                         Some(m) => parse_size(m.get_ref()).map_err(|e| {
@@ -453,6 +458,7 @@ struct RawTemplate {
 #[serde(deny_unknown_fields)]
 struct RawCapacity {
     vcpus: Option<u32>,
+    cpus: Option<u32>,
     memory: Option<Spanned<String>>,
     nic: Option<Spanned<String>>,
 }

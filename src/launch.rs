@@ -193,8 +193,11 @@ pub struct QemuProcess {
 }
 
 impl QemuProcess {
-    /// Starts `program args…` in its own process group (a Ctrl-C aimed at us does not reach it), output to
-    /// `log_path`.
+    /// Starts `program args…` in a session of its own, through `setsid` (a Ctrl-C aimed at us does not reach it,
+    /// and the scheduler treats it as the daemon a VM is: with autogroups, a QEMU in its caller's session shares one
+    /// group with every QEMU the caller started, which on these machines starved new ssh sessions on that core
+    /// for over 15 s), output to `log_path`. `setsid` execs QEMU in place (the child is no group leader), so the pid
+    /// is QEMU's.
     pub fn spawn(
         program: &Path,
         args: &[String],
@@ -224,13 +227,14 @@ impl QemuProcess {
             program: shown.clone(),
             source,
         };
-        let mut command = Command::new(program);
+        let mut command = Command::new("setsid");
         command
+            .arg("--")
+            .arg(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_err)?)
-            .stderr(log)
-            .process_group(0);
+            .stderr(log);
         if let Some((uid, gid)) = options.run_as {
             command.uid(uid).gid(gid);
         }

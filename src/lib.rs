@@ -7,8 +7,11 @@
 //! - [`classify`]: PURE workload classes (dirty-memory, web, net-receive, cpu, disk-io, idle) with their evidence.
 //! - [`evacuate`]: draining a host (`qmigrate evacuate`): survey, plan, limited concurrent migrations, the journal
 //!   that resumes a killed run and restores the host afterwards.
+//! - [`balance`]: live balancing (`qmigrate balance`): samples → the policy → anti-thrashing → balloons and the
+//!   evacuation executor.
 //! - [`top`]: the live terminal view of VMs and host (`qmigrate top`): PURE rows, sort, keys and drawing; the I/O loop.
 
+pub mod balance;
 pub mod calibrate;
 pub mod classify;
 pub mod config;

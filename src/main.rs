@@ -94,6 +94,7 @@ async fn run(command: cli::Command) -> Exit {
         cli::Command::DirtyRate(a) => dirty_rate(&a).await,
         cli::Command::Inventory(cli::InventoryCommand::Check(a)) => inventory_check(&a).await,
         cli::Command::Evacuate(a) => evacuate(&a).await,
+        cli::Command::Balance(a) => balance(&a).await,
         cli::Command::Completions(a) => {
             use clap::CommandFactory;
             match qmigrate::manpages::write_completions(
@@ -325,7 +326,7 @@ async fn evacuate(a: &cli::EvacuateArgs) -> Exit {
     signals.abort();
     match result {
         Ok(report) => {
-            if a.tuning.json {
+            if a.exec.tuning.json {
                 match serde_json::to_string_pretty(&report) {
                     Ok(s) => println!("{s}"),
                     Err(e) => return fail(&anyhow::Error::new(e), Exit::Internal),
@@ -346,9 +347,32 @@ fn evacuate_options(
     a: &cli::EvacuateArgs,
 ) -> anyhow::Result<(qmigrate::inventory::Inventory, qmigrate::evacuate::Options)> {
     use qmigrate::evacuate::Mode;
-    use qmigrate::plan::evacuate::{Order, OrderMode};
     let inv = qmigrate::inventory::Inventory::load(&a.inventory)?;
     inv.host(&a.host)?;
+    let mut opts = executor_options(&a.exec, &a.host)?;
+    opts.mode = match (a.resume, a.restore) {
+        (true, _) => Mode::Resume,
+        (_, true) => Mode::Restore,
+        _ => Mode::Evacuate,
+    };
+    opts.only = a.vms.clone();
+    opts.dry_run = a.dry_run;
+    opts.journal = a
+        .exec
+        .journal
+        .clone()
+        .unwrap_or_else(|| qmigrate::evacuate::journal::default_path(&a.host));
+    Ok((inv, opts))
+}
+
+/// The executor's settings shared by `evacuate` and `balance`: order, limits, budget, journal, TLS, the tuning of
+/// every migration and the QMP timeouts. An evacuation of `host` by default; the caller sets the rest.
+fn executor_options(
+    a: &cli::ExecutorArgs,
+    host: &str,
+) -> anyhow::Result<qmigrate::evacuate::Options> {
+    use qmigrate::evacuate::Mode;
+    use qmigrate::plan::evacuate::{Order, OrderMode};
     let order = match a
         .order
         .parse::<OrderMode>()
@@ -379,28 +403,143 @@ fn evacuate_options(
         ..Default::default()
     };
     template.connect = connect.clone();
-    let opts = qmigrate::evacuate::Options {
-        host: a.host.clone(),
-        mode: match (a.resume, a.restore) {
-            (true, _) => Mode::Resume,
-            (_, true) => Mode::Restore,
-            _ => Mode::Evacuate,
-        },
+    Ok(qmigrate::evacuate::Options {
+        host: host.to_string(),
+        mode: Mode::Evacuate,
         order,
-        only: a.vms.clone(),
+        only: Vec::new(),
+        moves: Vec::new(),
         max_out: a.max_out,
         max_in: a.max_in,
         link_budget_bytes_per_s: link_budget,
         journal: a
             .journal
             .clone()
-            .unwrap_or_else(|| qmigrate::evacuate::journal::default_path(&a.host)),
-        dry_run: a.dry_run,
+            .unwrap_or_else(qmigrate::evacuate::journal::default_balance_path),
+        dry_run: false,
         tls: a.tls,
         template,
         connect,
+    })
+}
+
+fn balance_options(
+    a: &cli::BalanceArgs,
+) -> anyhow::Result<(qmigrate::inventory::Inventory, qmigrate::balance::Options)> {
+    use qmigrate::config;
+    let inv = qmigrate::inventory::Inventory::load(&a.inventory)?;
+    let policy: qmigrate::plan::Policy = a.policy.parse()?;
+    let every = config::duration("every", &a.every)?;
+    if every.is_zero() {
+        anyhow::bail!("--every must be more than zero");
+    }
+    if a.samples == 0 || a.window == 0 {
+        anyhow::bail!("--samples and --window must be at least 1");
+    }
+    if !a.min_gain.is_finite() || a.min_gain < 0.0 {
+        anyhow::bail!(
+            "--min-gain must be a number of points, 0 or more (found {})",
+            a.min_gain
+        );
+    }
+    let traffic_window = config::duration("traffic-window", &a.traffic_window)?;
+    let mut tuning = qmigrate::plan::Tuning::default();
+    for (flag, value, field) in [
+        (
+            "--cpu-threshold",
+            a.cpu_threshold,
+            &mut tuning.cpu_threshold_pct,
+        ),
+        (
+            "--nic-threshold",
+            a.nic_threshold,
+            &mut tuning.nic_threshold_pct,
+        ),
+        (
+            "--swap-threshold",
+            a.swap_threshold,
+            &mut tuning.swap_threshold_writes_per_s,
+        ),
+    ] {
+        if let Some(v) = value {
+            if !v.is_finite() || v < 0.0 {
+                anyhow::bail!("{flag} must be 0 or more (found {v})");
+            }
+            *field = v;
+        }
+    }
+    if let Some(step) = &a.balloon_step {
+        let bytes = config::size_bytes("balloon-step", step)?;
+        if bytes < 1 << 20 {
+            anyhow::bail!("--balloon-step must be at least 1MiB (found {step})");
+        }
+        tuning.balloon_step_mib = bytes >> 20;
+    }
+    let opts = qmigrate::balance::Options {
+        policy,
+        once: a.once,
+        every,
+        samples: a.samples,
+        window: a.window.max(a.samples),
+        tuning,
+        guard: qmigrate::balance::guard::Guard {
+            vm_cool_down: config::duration("vm-cool-down", &a.vm_cool_down)?,
+            host_cool_down: config::duration("host-cool-down", &a.host_cool_down)?,
+            min_gain_pct: a.min_gain,
+        },
+        dry_run: a.dry_run,
+        record: a.record.clone(),
+        traffic_window: (!traffic_window.is_zero()).then_some(traffic_window),
+        executor: executor_options(&a.exec, qmigrate::evacuate::journal::CLUSTER)?,
     };
     Ok((inv, opts))
+}
+
+async fn balance(a: &cli::BalanceArgs) -> Exit {
+    let (inv, opts) = match balance_options(a) {
+        Ok(x) => x,
+        Err(e) => return fail(&e, Exit::Usage),
+    };
+    let cancel = CancellationToken::new();
+    let signals = tokio::spawn(cancel_on_signal(
+        cancel.clone(),
+        "running precopies are cancelled (their VMs stay on their source), postcopies finish, nothing new starts",
+    ));
+    let watcher: Box<dyn qmigrate::evacuate::display::Watcher> = if std::io::stderr().is_terminal()
+    {
+        Box::new(qmigrate::evacuate::display::Bars::new())
+    } else {
+        Box::new(qmigrate::evacuate::display::Lines)
+    };
+    let json = a.exec.tuning.json;
+    let mut print = |r: &qmigrate::balance::RoundReport| {
+        if json {
+            match serde_json::to_string(r) {
+                Ok(s) => println!("{s}"),
+                Err(e) => eprintln!("error: cannot print the round as JSON: {e}"),
+            }
+        } else {
+            print!("{}", r.to_table());
+        }
+    };
+    let result = qmigrate::balance::run(&inv, &opts, &cancel, watcher.as_ref(), &mut print).await;
+    drop(watcher);
+    signals.abort();
+    match result {
+        // A loop stopped by a signal ends well; --once reports its round.
+        Ok(reports) => reports
+            .last()
+            .filter(|_| opts.once)
+            .map_or(Exit::Completed, |r| r.exit()),
+        Err(e) => {
+            let code = match &e {
+                qmigrate::balance::BalanceError::Executor(e) => e.exit(),
+                qmigrate::balance::BalanceError::NothingSampled { .. } => Exit::Endpoint,
+                _ => Exit::Internal,
+            };
+            fail(&anyhow::Error::new(e), code)
+        }
+    }
 }
 
 /// `qmigrate migrate VM --inventory FILE --to-host HOST`: the VM found by name, the destination started on HOST.

@@ -88,13 +88,20 @@ pub enum RunKind {
     Evacuate,
     /// Moves the VMs an evacuation of `host` moved back to it.
     Restore,
+    /// Moves a balancing policy chose, from any hosts to fixed destinations (`qmigrate balance`); its `host` is
+    /// [`CLUSTER`].
+    Balance,
 }
+
+/// The `host` of a balance run's records: the whole cluster, not one host.
+pub const CLUSTER: &str = "*";
 
 impl fmt::Display for RunKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             RunKind::Evacuate => "evacuate",
             RunKind::Restore => "restore",
+            RunKind::Balance => "balance",
         })
     }
 }
@@ -273,6 +280,14 @@ pub fn default_path(host: &str) -> PathBuf {
     state_dir(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"))
         .join("qmigrate")
         .join(file_name(host))
+}
+
+/// The journal of `qmigrate balance` unless `--journal` says otherwise: `balance.jsonl` in the same directory as
+/// [`default_path`]'s.
+pub fn default_balance_path() -> PathBuf {
+    state_dir(std::env::var_os("XDG_STATE_HOME"), std::env::var_os("HOME"))
+        .join("qmigrate")
+        .join("balance.jsonl")
 }
 
 /// The XDG state directory; a relative `XDG_STATE_HOME` is ignored, as the XDG spec asks.

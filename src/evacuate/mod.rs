@@ -47,6 +47,18 @@ pub enum Mode {
     Resume,
     /// Move back to the host the VMs an earlier evacuation took away from it.
     Restore,
+    /// Carry out a balancing policy's moves ([`Options::moves`]), each VM to its fixed destination; `host` is
+    /// [`journal::CLUSTER`].
+    Balance,
+}
+
+/// One move a balancing policy asked for, carried out by [`Mode::Balance`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    pub vm: String,
+    pub to: String,
+    /// The policy's reason, kept as the step's `why_host`.
+    pub reason: String,
 }
 
 /// An evacuation's settings.
@@ -57,6 +69,8 @@ pub struct Options {
     pub order: Order,
     /// Only these VMs (empty: every VM of the host).
     pub only: Vec<String>,
+    /// [`Mode::Balance`]: the moves to carry out.
+    pub moves: Vec<Move>,
     /// Migrations leaving one host at once.
     pub max_out: usize,
     /// Migrations arriving at one host at once.
@@ -235,6 +249,7 @@ impl EvacuationReport {
             match self.kind {
                 RunKind::Evacuate => "evacuation",
                 RunKind::Restore => "restore",
+                RunKind::Balance => "balancing",
             },
             self.host,
             self.order,
@@ -305,7 +320,9 @@ pub async fn run(
     cancel: &CancellationToken,
     watcher: &dyn Watcher,
 ) -> Result<EvacuationReport, EvacuateError> {
-    inv.host(&opts.host)?;
+    if opts.host != journal::CLUSTER {
+        inv.host(&opts.host)?;
+    }
     // The journal is held for the whole run: two runs never share one. A dry run only reads it.
     let (mut journal, records) = if opts.dry_run {
         (None, journal::read(&opts.journal)?)
@@ -345,6 +362,7 @@ pub async fn run(
         Mode::Evacuate => prepare_evacuation(inv, opts, &check, &mut notes)?,
         Mode::Restore => prepare_restore(inv, opts, &check, &history, &mut notes)?,
         Mode::Resume => prepare_resume(opts, &check, &history, &mut notes)?,
+        Mode::Balance => prepare_balance(inv, opts, &check, &mut notes),
     };
     let mut report = EvacuationReport {
         host: opts.host.clone(),
@@ -570,6 +588,90 @@ fn link_budget(inv: &Inventory, opts: &Options, host: &str) -> u64 {
                 .filter(|b| *b > 0)
         })
         .unwrap_or(opts.template.bandwidth_bytes_per_s)
+}
+
+/// A balancing round's moves as a plan: every VM fixed to the destination its policy chose, ordered by
+/// `opts.order` and started under the same limits as an evacuation. A VM that cannot be moved now (not found once,
+/// not running, migrating) is skipped with its reason; one already on its destination is noted.
+fn prepare_balance(
+    inv: &Inventory,
+    opts: &Options,
+    check: &CheckReport,
+    notes: &mut Vec<String>,
+) -> Prepared {
+    let remembered = calibration(opts);
+    let mut candidates = Vec::new();
+    let mut fixed = BTreeMap::new();
+    let mut done = Vec::new();
+    let mut skipped = Vec::new();
+    for m in &opts.moves {
+        match survey::where_is(check, &m.vm).as_slice() {
+            [(h, _)] if *h == m.to => notes.push(format!("VM {} is on {h} already", m.vm)),
+            [(h, v)] => match leave_alone(v, check) {
+                Some(why) => skipped.push((m.vm.clone(), h.to_string(), m.to.clone(), why)),
+                None => {
+                    candidates.push(survey::candidate(
+                        v,
+                        &basis(inv, opts, h),
+                        remembered.vms.get(&m.vm),
+                    ));
+                    fixed.insert(m.vm.clone(), m.to.clone());
+                }
+            },
+            [] => notes.push(format!("VM {} is not found on any host: not moved", m.vm)),
+            many => notes.push(format!(
+                "VM {} is found on {}: not moved",
+                m.vm,
+                many.iter().map(|(h, _)| *h).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+    for (vm, from, to, why) in skipped {
+        let mut r = unplanned(&vm, &from, &to, "skipped");
+        r.reason = Some(why);
+        r.running_on = Some(from);
+        done.push(r);
+    }
+    let leaving: Vec<String> = candidates.iter().map(|c| c.name.clone()).collect();
+    let destinations: Vec<&str> = fixed.values().map(String::as_str).collect();
+    let hosts = survey::rooms(check, "", &leaving)
+        .into_iter()
+        .filter(|h| destinations.contains(&h.name.as_str()))
+        .collect();
+    let input = planner::Input {
+        candidates,
+        hosts,
+        order: opts.order,
+        fixed,
+    };
+    // The policy checked each destination's room with its own model; the planner's hard constraints (vCPUs,
+    // memory, anti-affinity) may still refuse one: then nothing of this round moves, and the note says why.
+    let steps = match plan_or_nothing(journal::CLUSTER, &input) {
+        Ok(mut steps) => {
+            for step in &mut steps {
+                if let Some(m) = opts.moves.iter().find(|m| m.vm == step.vm) {
+                    step.why_host.clone_from(&m.reason);
+                }
+            }
+            steps
+        }
+        Err(e) => {
+            notes.push(format!(
+                "the moves cannot be planned: {}",
+                crate::stats::error_chain(&e)
+            ));
+            Vec::new()
+        }
+    };
+    Prepared {
+        kind: RunKind::Balance,
+        order: opts.order,
+        resumes: None,
+        plan_for_journal: steps.clone(),
+        steps,
+        adopt: Vec::new(),
+        done,
+    }
 }
 
 fn prepare_restore(

@@ -157,6 +157,7 @@ mod tests {
                 dirty_rate_bytes_per_s: Some(dirty_mib * MIB as f64),
                 ..Default::default()
             }),
+            memory: None,
             groups: vec![],
             anti_affinity: vec![],
             error: None,
@@ -226,6 +227,7 @@ mod tests {
             transport: "ssh".into(),
             migration_address: "10.0.0.1".into(),
             vcpus: 4,
+            cpus: 1,
             memory_bytes: 1024 * MIB,
             nic_bytes_per_s: 10 * MIB,
             reachable: true,

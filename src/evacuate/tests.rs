@@ -34,6 +34,7 @@ fn vm(host: &str, state: &str, migration: Option<&str>) -> VmCheck {
         migration: migration.map(String::from),
         classes: vec![],
         figures: None,
+        memory: None,
         groups: vec![],
         anti_affinity: vec![],
         error: None,

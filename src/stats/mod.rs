@@ -12,7 +12,7 @@ pub mod watch;
 
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::classify::{self, Figures, Label, Thresholds};
 use crate::qmp::QmpError;
@@ -77,7 +77,7 @@ pub struct VcpuSample {
     pub cpu_pct: Option<f64>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GuestMemory {
     pub total_bytes: Option<u64>,
     pub free_bytes: Option<u64>,
@@ -89,7 +89,7 @@ pub struct GuestMemory {
     pub last_update_s: i64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemorySample {
     /// Boot memory (`query-memory-size-summary`).
     pub ram_bytes: u64,

@@ -19,19 +19,19 @@ use crate::testbed;
 const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
 const EVACUATE_LIMIT: Duration = Duration::from_secs(600);
 
-fn testbed_up(name: &'static str, subnet: &'static str, rate: &str) -> testbed::Bed {
+pub fn testbed_up(name: &'static str, subnet: &'static str, rate: &str) -> testbed::Bed {
     let tb = testbed::Bed::new(name, subnet);
     let up = tb.up(&["--hosts", "3", "--rate", rate, "--delay", "0ms"]);
     assert_eq!(up.code, Some(0), "testbed up: {up:?}");
     tb
 }
 
-fn inventory(tb: &testbed::Bed) -> String {
+pub fn inventory(tb: &testbed::Bed) -> String {
     tb.dir.join("inventory.toml").display().to_string()
 }
 
 /// Where each guest runs, asked of every host's socket by our own QMP client: guest → hosts running it.
-async fn running_on(tb: &testbed::Bed, guests: &[&str]) -> BTreeMap<String, Vec<String>> {
+pub async fn running_on(tb: &testbed::Bed, guests: &[&str]) -> BTreeMap<String, Vec<String>> {
     let mut out = BTreeMap::new();
     for g in guests {
         let mut on = Vec::new();
@@ -129,7 +129,7 @@ fn classes(v: &Value) -> Vec<String> {
         .collect()
 }
 
-fn journal_records(path: &Path) -> Vec<Value> {
+pub fn journal_records(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

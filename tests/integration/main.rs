@@ -1,6 +1,7 @@
 //! Integration tests against real QEMU processes running the project's guest image (TCG). One binary, a
 //! module per theme. Needs `scripts/build-guest` and `qemu-system-x86_64` (README.md's test command does both).
 
+mod balance;
 mod errors;
 mod evacuate;
 mod exactly_once;
