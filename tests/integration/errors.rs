@@ -285,3 +285,99 @@ async fn completions_and_man_pages_come_from_the_binary() {
         "{migrate:.400}"
     );
 }
+
+/// `qmigrate balance`: bad settings are refused before anything is sampled, naming the flag and the value; an
+/// inventory whose hosts cannot be reached is an endpoint error naming them.
+#[tokio::test]
+async fn balance_refuses_bad_settings() {
+    let bed = Bed::new();
+    let inv = bed.path("inventory.toml");
+    std::fs::write(
+        &inv,
+        "[hosts.far]\ntransport = \"local\"\nqmp = \"/nonexistent-qmigrate-dir/*.qmp\"\nruntime_dir = \"/nonexistent-qmigrate-dir\"\nmigration_address = \"127.0.0.1\"\n",
+    )
+    .unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--policy", "roundrobin"],
+            "unknown policy \"roundrobin\" (expected band, idc or sandpiper)",
+        ),
+        (
+            &["--policy", "band", "--every", "soon"],
+            "--every \"soon\": not a duration",
+        ),
+        (
+            &["--policy", "band", "--every", "0s"],
+            "--every must be more than zero",
+        ),
+        (
+            &["--policy", "band", "--samples", "0"],
+            "--samples and --window must be at least 1",
+        ),
+        (
+            &["--policy", "idc", "--min-gain=-3"],
+            "--min-gain must be a number of points, 0 or more (found -3)",
+        ),
+        (
+            &["--policy", "idc", "--cpu-threshold=-1"],
+            "--cpu-threshold must be 0 or more (found -1)",
+        ),
+        (
+            &["--policy", "idc", "--balloon-step", "12KiB"],
+            "--balloon-step must be at least 1MiB (found 12KiB)",
+        ),
+        (
+            &["--policy", "idc", "--vm-cool-down", "a while"],
+            "--vm-cool-down \"a while\": not a duration",
+        ),
+        (
+            &["--policy", "sandpiper", "--max-out", "0"],
+            "--max-out and --max-in must be at least 1",
+        ),
+    ];
+    for (extra, message) in cases {
+        let mut args = vec!["balance", "--inventory", s(&inv)];
+        args.extend(*extra);
+        if !extra.contains(&"--every") {
+            args.push("--once");
+        }
+        let run = qmigrate(&args, LIMIT).await;
+        assert_eq!(run.code, 2, "{extra:?}: {run:?}");
+        assert!(run.stderr.contains(message), "{extra:?}: {run:?}");
+        assert!(run.stdout.is_empty(), "{extra:?}: {run:?}");
+    }
+    let missing = bed.path("missing.toml");
+    let run = qmigrate(
+        &[
+            "balance",
+            "--inventory",
+            s(&missing),
+            "--policy",
+            "band",
+            "--once",
+        ],
+        LIMIT,
+    )
+    .await;
+    assert_eq!(run.code, 2, "{run:?}");
+    assert!(run.stderr.contains(s(&missing)), "{run:?}");
+    // The one host has no VM at all: nothing to decide on, said as such.
+    let run = qmigrate(
+        &[
+            "balance",
+            "--inventory",
+            s(&inv),
+            "--policy",
+            "band",
+            "--once",
+            "--traffic-window",
+            "0s",
+            "--journal",
+            s(&bed.path("j.jsonl")),
+        ],
+        LIMIT,
+    )
+    .await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stderr.contains("could be sampled"), "{run:?}");
+}
