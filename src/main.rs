@@ -303,24 +303,38 @@ async fn inventory_check(a: &cli::InventoryCheckArgs) -> Exit {
     }
 }
 
-/// `qmigrate evacuate HOST --inventory FILE`: the plan carried out (or printed), the report printed.
-async fn evacuate(a: &cli::EvacuateArgs) -> Exit {
-    let (inv, opts) = match evacuate_options(a) {
-        Ok(x) => x,
-        Err(e) => return fail(&e, Exit::Usage),
-    };
+/// What a run of the evacuation executor needs (evacuate, balance): one cancellation token, fired by SIGINT,
+/// SIGTERM or SIGHUP (the task that waits for them, to abort once done), and the progress display (nothing for a
+/// dry run, bars on a terminal, log lines otherwise).
+fn executor_run(
+    dry_run: bool,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+    Box<dyn qmigrate::evacuate::display::Watcher>,
+) {
     let cancel = CancellationToken::new();
     let signals = tokio::spawn(cancel_on_signal(
         cancel.clone(),
         "running precopies are cancelled (their VMs stay on their source), postcopies finish, nothing new starts",
     ));
-    let watcher: Box<dyn qmigrate::evacuate::display::Watcher> = if opts.dry_run {
+    let watcher: Box<dyn qmigrate::evacuate::display::Watcher> = if dry_run {
         Box::new(qmigrate::evacuate::display::Silent)
     } else if std::io::stderr().is_terminal() {
         Box::new(qmigrate::evacuate::display::Bars::new())
     } else {
         Box::new(qmigrate::evacuate::display::Lines)
     };
+    (cancel, signals, watcher)
+}
+
+/// `qmigrate evacuate HOST --inventory FILE`: the plan carried out (or printed), the report printed.
+async fn evacuate(a: &cli::EvacuateArgs) -> Exit {
+    let (inv, opts) = match evacuate_options(a) {
+        Ok(x) => x,
+        Err(e) => return fail(&e, Exit::Usage),
+    };
+    let (cancel, signals, watcher) = executor_run(opts.dry_run);
     let result = qmigrate::evacuate::run(&inv, &opts, &cancel, watcher.as_ref()).await;
     drop(watcher);
     signals.abort();
@@ -500,17 +514,7 @@ async fn balance(a: &cli::BalanceArgs) -> Exit {
         Ok(x) => x,
         Err(e) => return fail(&e, Exit::Usage),
     };
-    let cancel = CancellationToken::new();
-    let signals = tokio::spawn(cancel_on_signal(
-        cancel.clone(),
-        "running precopies are cancelled (their VMs stay on their source), postcopies finish, nothing new starts",
-    ));
-    let watcher: Box<dyn qmigrate::evacuate::display::Watcher> = if std::io::stderr().is_terminal()
-    {
-        Box::new(qmigrate::evacuate::display::Bars::new())
-    } else {
-        Box::new(qmigrate::evacuate::display::Lines)
-    };
+    let (cancel, signals, watcher) = executor_run(false);
     let json = a.exec.tuning.json;
     let mut print = |r: &qmigrate::balance::RoundReport| {
         if json {
