@@ -13,7 +13,8 @@
 //! reverse) gives no move: moving onto a moderate host could push it out of the band, and the paper only moves from
 //! heavy to light.
 
-use super::model;
+use super::index::{Index, Names};
+use super::model::Leaving;
 use super::scenario::{Scenario, Vm};
 use super::{fig, Decision, RoundPlan};
 
@@ -72,18 +73,18 @@ impl Bands {
     }
 }
 
-/// Room for the band policy is physical capacity only (it has no thresholds): after the move the light host stays
-/// within 100 % CPU and NIC and its memory fits, and no other host is pushed past capacity.
-fn fits(s: &Scenario, vm: &str, to: &str) -> bool {
-    let p = model::project(s, vm, to);
-    model::within_capacity(&p, to) && model::newly_over_capacity(s, &p).is_none()
+/// Room for the band policy is physical capacity only (it has no thresholds): after VM `vm` moves to host `to` the
+/// light host stays within 100 % CPU and NIC and its memory fits, and no other host is pushed past capacity.
+fn fits(s: &Scenario, ix: &Index, vm: usize, to: usize) -> bool {
+    let leaving = Leaving::new(s, ix, vm);
+    let after = leaving.arriving(s, ix, to);
+    after.within(&s.hosts[to]) && !leaving.pushes_past_capacity(s, ix, to, after)
 }
 
-/// The CPU points `vm` would add to `to` (scaled when the hosts have different CPU counts).
-fn share_on(s: &Scenario, vm: &Vm, to: &str) -> f64 {
-    let from = s.host(&vm.host).map_or(1, |h| h.cpus);
-    let to = s.host(to).map_or(1, |h| h.cpus);
-    vm.cpu_pct * f64::from(from) / f64::from(to)
+/// The CPU points VM `vm` would add to host `to` (scaled when the hosts have different CPU counts).
+fn share_on(s: &Scenario, ix: &Index, vm: usize, to: usize) -> f64 {
+    let from = ix.host_of(vm).map_or(1, |h| s.hosts[h].cpus);
+    s.vms[vm].cpu_pct * f64::from(from) / f64::from(s.hosts[to].cpus)
 }
 
 /// One round of the band policy.
@@ -113,65 +114,70 @@ pub fn plan(s: &Scenario) -> RoundPlan {
         classes.join(", ")
     ));
 
-    let mut heavy: Vec<_> = s
-        .hosts
-        .iter()
-        .filter(|h| bands.classify(h.cpu_pct) == Band::Heavy)
-        .collect();
-    let mut light: Vec<_> = s
-        .hosts
-        .iter()
-        .filter(|h| bands.classify(h.cpu_pct) == Band::Light)
-        .collect();
-    heavy.sort_by(|a, b| {
+    // Host positions, so that the VMs of a host and the room on another are look-ups, not scans.
+    let of_band = |band: Band| -> Vec<usize> {
+        (0..s.hosts.len())
+            .filter(|&h| bands.classify(s.hosts[h].cpu_pct) == band)
+            .collect()
+    };
+    let mut heavy = of_band(Band::Heavy);
+    let mut light = of_band(Band::Light);
+    heavy.sort_by(|&a, &b| {
+        let (a, b) = (&s.hosts[a], &s.hosts[b]);
         b.cpu_pct
             .total_cmp(&a.cpu_pct)
             .then_with(|| a.name.cmp(&b.name))
     });
-    light.sort_by(|a, b| {
+    light.sort_by(|&a, &b| {
+        let (a, b) = (&s.hosts[a], &s.hosts[b]);
         a.cpu_pct
             .total_cmp(&b.cpu_pct)
             .then_with(|| a.name.cmp(&b.name))
     });
+    let names = |hosts: &[usize]| -> String {
+        hosts
+            .iter()
+            .map(|&h| s.hosts[h].name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match (heavy.is_empty(), light.is_empty()) {
         (true, true) => out
             .notes
             .push("every host is moderate: nothing to move".into()),
         (false, true) => out.notes.push(format!(
             "{} heavy but no host is light: nothing to move",
-            heavy
-                .iter()
-                .map(|h| h.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            names(&heavy)
         )),
         (true, false) => out.notes.push(format!(
             "{} light but no host is heavy: nothing to move",
-            light
-                .iter()
-                .map(|h| h.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            names(&light)
         )),
         (false, false) => {}
     }
+    if heavy.is_empty() || light.is_empty() {
+        return out;
+    }
 
-    for (h, l) in heavy.iter().zip(&light) {
+    let ix = Index::new(s, &Names::new(s));
+    for (&hi, &li) in heavy.iter().zip(&light) {
+        let (h, l) = (&s.hosts[hi], &s.hosts[li]);
         let vector = bands.threshold - l.cpu_pct;
-        let mut candidates: Vec<(&Vm, f64)> = s
-            .vms_on(&h.name)
-            .map(|v| (v, share_on(s, v, &l.name)))
+        let mut candidates: Vec<(usize, &Vm, f64)> = ix
+            .on_host(hi)
+            .iter()
+            .map(|&v| (v, &s.vms[v], share_on(s, &ix, v, li)))
             .collect();
-        candidates.sort_by(|(a, sa), (b, sb)| {
+        candidates.sort_by(|(_, a, sa), (_, b, sb)| {
             (sa - vector)
                 .abs()
                 .total_cmp(&(sb - vector).abs())
                 .then_with(|| sa.total_cmp(sb))
                 .then_with(|| a.name.cmp(&b.name))
         });
-        let Some((vm, share)) = candidates
+        let Some((_, vm, share)) = candidates
             .into_iter()
-            .find(|(v, _)| fits(s, &v.name, &l.name))
+            .find(|&(v, _, _)| fits(s, &ix, v, li))
         else {
             out.notes.push(format!(
                 "{} is heavy but none of its VMs fits on {}",

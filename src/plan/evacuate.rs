@@ -310,17 +310,19 @@ fn fixed_reason(room: &Room, c: &Candidate) -> Result<String, PlanError> {
 
 /// The preferred room among those `c` fits in, and why there; NoRoom naming what stops it on each host when none.
 fn choose(rooms: &[Room], c: &Candidate) -> Result<(usize, String), PlanError> {
-    let mut fits = Vec::new();
-    let mut refused = Vec::new();
-    for (r, room) in rooms.iter().enumerate() {
-        let why_not = room.refusals(c);
-        if why_not.is_empty() {
-            fits.push(Fit::new(r, room, c));
-        } else {
-            refused.push(host_refusals(room, &why_not));
-        }
-    }
+    let resources = Resource::of(&c.classes);
+    let fits: Vec<Fit> = rooms
+        .iter()
+        .enumerate()
+        .filter(|(_, room)| room.admits(c, &resources))
+        .map(|(r, room)| Fit::new(r, room, c))
+        .collect();
     let Some(best) = fits.iter().min_by(|a, b| a.prefer(b)) else {
+        // Every host refuses it; only now is it worth saying why, host by host.
+        let refused: Vec<String> = rooms
+            .iter()
+            .map(|room| host_refusals(room, &room.refusals(c)))
+            .collect();
         return Err(no_room(c, refused.join("; ")));
     };
     Ok((best.room, why_host(&rooms[best.room], c, fits.len())))
@@ -405,21 +407,36 @@ impl<'a> Fit<'a> {
 /// A VM on a host, resident or planned: what affinity and non-sharable classes look at.
 struct Tenant<'a> {
     name: &'a str,
-    classes: &'a [Class],
     groups: &'a [String],
     anti_affinity: &'a [String],
+    /// Its non-sharable resources ([`Resource::of`] its classes), worked out once.
+    resources: Vec<Resource>,
 }
 
-impl Tenant<'_> {
+impl<'a> Tenant<'a> {
+    fn new(
+        name: &'a str,
+        classes: &[Class],
+        groups: &'a [String],
+        anti_affinity: &'a [String],
+    ) -> Self {
+        Tenant {
+            name,
+            groups,
+            anti_affinity,
+            resources: Resource::of(classes),
+        }
+    }
+
+    // The names are compared last: most VMs share no group and name no one, so most calls stop before that.
     fn shares_group(&self, c: &Candidate) -> bool {
-        self.name != c.name && self.groups.iter().any(|g| c.groups.contains(g))
+        self.groups.iter().any(|g| c.groups.contains(g)) && self.name != c.name
     }
 
     /// Either names the other in its anti-affinity.
     fn repels(&self, c: &Candidate) -> bool {
-        self.name != c.name
-            && (c.anti_affinity.iter().any(|a| a == self.name)
-                || self.anti_affinity.contains(&c.name))
+        (c.anti_affinity.iter().any(|a| a == self.name) || self.anti_affinity.contains(&c.name))
+            && self.name != c.name
     }
 }
 
@@ -436,12 +453,7 @@ impl<'a> Room<'a> {
         let tenants = host
             .vms
             .iter()
-            .map(|v| Tenant {
-                name: &v.name,
-                classes: &v.classes,
-                groups: &v.groups,
-                anti_affinity: &v.anti_affinity,
-            })
+            .map(|v| Tenant::new(&v.name, &v.classes, &v.groups, &v.anti_affinity))
             .collect();
         Room {
             host,
@@ -449,6 +461,17 @@ impl<'a> Room<'a> {
             free_memory_bytes: host.memory_bytes.saturating_sub(host.used_memory_bytes),
             tenants,
         }
+    }
+
+    /// Whether `c` fits here: [`Room::refusals`] would be empty. `resources` are `c`'s ([`Resource::of`]).
+    fn admits(&self, c: &Candidate, resources: &[Resource]) -> bool {
+        self.host.name != c.from
+            && c.vcpus <= self.free_vcpus
+            && c.memory_bytes <= self.free_memory_bytes
+            && !self
+                .tenants
+                .iter()
+                .any(|t| t.repels(c) || resources.iter().any(|r| t.resources.contains(r)))
     }
 
     /// Everything that stops `c` from coming here: none when it fits.
@@ -475,7 +498,7 @@ impl<'a> Room<'a> {
             why.push(Refusal::AntiAffinity { with: enemies });
         }
         for resource in Resource::of(&c.classes) {
-            let rivals = self.names_where(|t| Resource::of(t.classes).contains(&resource));
+            let rivals = self.names_where(|t| t.resources.contains(&resource));
             if !rivals.is_empty() {
                 why.push(Refusal::Shared {
                     resource,
@@ -528,12 +551,12 @@ impl<'a> Room<'a> {
     fn take(&mut self, c: &'a Candidate) {
         self.free_vcpus = self.free_vcpus.saturating_sub(c.vcpus);
         self.free_memory_bytes = self.free_memory_bytes.saturating_sub(c.memory_bytes);
-        self.tenants.push(Tenant {
-            name: &c.name,
-            classes: &c.classes,
-            groups: &c.groups,
-            anti_affinity: &c.anti_affinity,
-        });
+        self.tenants.push(Tenant::new(
+            &c.name,
+            &c.classes,
+            &c.groups,
+            &c.anti_affinity,
+        ));
     }
 }
 
@@ -1215,7 +1238,7 @@ mod tests {
 /// Property tests over generated inputs: every plan places each candidate once within every host's room and every
 /// hard constraint, follows its order's rules, and is the same for the same input however the hosts are listed.
 #[cfg(test)]
-mod properties {
+pub(crate) mod properties {
     use proptest::prelude::*;
     use proptest::test_runner::FileFailurePersistence;
 
@@ -1312,7 +1335,7 @@ mod properties {
         ]
     }
 
-    fn arb_input() -> impl Strategy<Value = Input> {
+    pub(crate) fn arb_input() -> impl Strategy<Value = Input> {
         (1usize..=5, 0usize..=8)
             .prop_flat_map(|(nh, nc)| {
                 let hosts: Vec<_> = (0..nh).map(arb_host).collect();

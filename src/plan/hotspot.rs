@@ -1,10 +1,12 @@
 //! Hotspot detection and the steps shared by the idc and sandpiper policies (paper 004): the AR(1) prediction, the
 //! overload flags, the balloon step that answers a memory overload before any migration, and the test that a
-//! destination has room. Pure: figures in, verdicts out.
+//! destination has room. Pure: figures in, verdicts out. The round that strings them together is in `round.rs`.
 
 use std::collections::BTreeMap;
 
-use super::model;
+use super::index::{Index, Names};
+use super::model::{Leaving, Load};
+use super::round::Work;
 use super::scenario::{Host, Scenario, Tuning, Vm};
 use super::Decision;
 
@@ -14,7 +16,7 @@ use super::Decision;
 pub fn ar1_predict(history: &[f64], current: f64) -> f64 {
     let mut series = history.to_vec();
     series.push(current);
-    crate::stats::history::ar1_next(&series).unwrap_or(current)
+    super::ar1::ar1_next(&series).unwrap_or(current)
 }
 
 /// One figure of a host against its threshold.
@@ -126,11 +128,19 @@ pub fn volume(cpu_pct: f64, mem_pct: f64, net_pct: f64) -> f64 {
 
 /// The volume of a host: how loaded it is, for "least loaded host" choices.
 pub fn host_volume(s: &Scenario, host: &str) -> f64 {
-    s.host(host).map_or(f64::INFINITY, |h| {
-        #[allow(clippy::cast_precision_loss)] // MiB counts are far below 2^52
-        let mem_pct = s.committed_mib(host) as f64 / h.memory_mib as f64 * 100.0;
-        volume(h.cpu_pct, mem_pct, h.nic_pct)
-    })
+    s.host(host)
+        .map_or(f64::INFINITY, |h| volume_of(h, s.committed_mib(host)))
+}
+
+/// [`host_volume`] of host `h` by position.
+pub(crate) fn host_volume_at(s: &Scenario, ix: &Index, h: usize) -> f64 {
+    volume_of(&s.hosts[h], ix.committed_mib(h))
+}
+
+fn volume_of(h: &Host, committed_mib: u64) -> f64 {
+    #[allow(clippy::cast_precision_loss)] // MiB counts are far below 2^52
+    let mem_pct = committed_mib as f64 / h.memory_mib as f64 * 100.0;
+    volume(h.cpu_pct, mem_pct, h.nic_pct)
 }
 
 /// How a VM's traffic splits by where its peers are.
@@ -145,125 +155,169 @@ pub struct TrafficSplit {
     pub by_host: BTreeMap<String, f64>,
 }
 
+/// # Panics
+/// If `vm` is not in `s`.
 pub fn traffic_split(s: &Scenario, vm: &Vm) -> TrafficSplit {
-    let placement = s.placement();
+    let names = Names::new(s);
+    let vi = names.vm(&vm.name).expect("vm in scenario");
+    traffic_split_at(s, &Index::new(s, &names), vi)
+}
+
+/// [`traffic_split`] of VM `vm` by position. The sums run over the peers in name order, as
+/// [`Scenario::peers`] lists them.
+pub(crate) fn traffic_split_at(s: &Scenario, ix: &Index, vm: usize) -> TrafficSplit {
+    let own = ix.host_of(vm);
     let mut idc = 0.0;
     let mut cross = 0.0;
     let mut by_host = BTreeMap::new();
-    for (peer, mbps) in s.peers(&vm.name) {
-        let h = placement.get(peer).copied().unwrap_or_default();
-        if h == vm.host {
-            idc += mbps;
+    for p in ix.peers(vm) {
+        let h = p.vm.and_then(|pv| ix.host_of(pv));
+        if h == own {
+            idc += p.mbps;
         } else {
-            cross += mbps;
-            *by_host.entry(h.to_owned()).or_insert(0.0) += mbps;
+            cross += p.mbps;
+            let name = h.map_or("", |h| s.hosts[h].name.as_str());
+            *by_host.entry(name.to_owned()).or_insert(0.0) += p.mbps;
         }
     }
     TrafficSplit {
         idc_mbps: idc,
-        nic_mbps: vm.nic_mbps.max(cross),
+        nic_mbps: s.vms[vm].nic_mbps.max(cross),
         by_host,
     }
 }
 
 /// The VM's resident memory as a share of its host's memory, in percent: what moving it frees on the host.
 pub fn resident_pct(s: &Scenario, vm: &Vm) -> f64 {
+    s.host(&vm.host).map_or(0.0, |h| resident_pct_on(vm, h))
+}
+
+/// [`resident_pct`] of VM `vm` by position.
+pub(crate) fn resident_pct_at(s: &Scenario, ix: &Index, vm: usize) -> f64 {
+    ix.host_of(vm)
+        .map_or(0.0, |h| resident_pct_on(&s.vms[vm], &s.hosts[h]))
+}
+
+fn resident_pct_on(vm: &Vm, h: &Host) -> f64 {
     #[allow(clippy::cast_precision_loss)] // MiB counts are far below 2^52
-    s.host(&vm.host).map_or(0.0, |h| {
-        vm.memory_mib as f64 * vm.memory_pct / 100.0 / h.memory_mib as f64 * 100.0
-    })
+    let pct = vm.memory_mib as f64 * vm.memory_pct / 100.0 / h.memory_mib as f64 * 100.0;
+    pct
 }
 
-/// Hosts other than the VM's own that have room for it, with the projected scenarios.
-pub fn destinations(s: &Scenario, vm: &Vm) -> (Vec<String>, Vec<String>) {
-    let mut ok = Vec::new();
-    let mut why_not = Vec::new();
-    for h in s.hosts.iter().filter(|h| h.name != vm.host) {
-        match room(s, &vm.name, &h.name) {
-            Ok(_) => ok.push(h.name.clone()),
-            Err(e) => why_not.push(e),
-        }
-    }
-    (ok, why_not)
+/// Why a host cannot take a VM (see [`room`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoRoom {
+    /// The VM runs there.
+    OwnHost,
+    /// The host is a hotspot itself.
+    Hotspot,
+    /// The VM's memory does not fit.
+    Memory,
+    /// Its CPU would pass the threshold.
+    Cpu,
+    /// Its NIC would pass the threshold.
+    Nic,
+    /// The move would push the source or the destination past physical capacity (a VM leaving can turn IDC into NIC
+    /// traffic on the source).
+    Capacity,
 }
 
-/// Whether `to` can take `vm`: it is another host, not a hotspot itself, and after the move (by the load-move model)
-/// its CPU and NIC stay at or under the thresholds, its memory fits, and no host goes past its physical capacity
-/// (a VM leaving can turn IDC into NIC traffic on the source). Returns the projected scenario, or why not.
-pub fn room(s: &Scenario, vm: &str, to: &str) -> Result<Scenario, String> {
-    let v = s
-        .vm(vm)
-        .ok_or_else(|| format!("{vm} is not in the scenario"))?;
-    let h = s
-        .host(to)
-        .ok_or_else(|| format!("{to} is not in the scenario"))?;
-    if v.host == to {
-        return Err(format!("{vm} is already on {to}"));
+/// Whether host `to` can take the VM `leaving` describes, in the round's figures: it is another host, not a
+/// hotspot itself, and after the move (by the load-move model) its CPU and NIC stay at or under the thresholds, its
+/// memory fits, and no host goes past its physical capacity.
+pub(crate) fn room(w: &Work, leaving: &Leaving, to: usize) -> Result<(), NoRoom> {
+    if to == leaving.from() {
+        return Err(NoRoom::OwnHost);
     }
-    if Assessment::of(h, &s.tuning).is_hotspot() {
-        return Err(format!("{to} is a hotspot"));
+    if w.hot[to] {
+        return Err(NoRoom::Hotspot);
     }
-    let p = model::project(s, vm, to);
-    let d = p.host(to).expect("destination in projection");
-    let t = &s.tuning;
-    if p.committed_mib(to) > d.memory_mib {
-        return Err(format!(
-            "{to} has {} MiB free, {vm} needs {} MiB",
-            s.free_mib(to),
-            v.memory_mib
-        ));
+    // Cheapest first: most hosts are refused before the NIC delta is worked out.
+    let t = &w.s.tuning;
+    let committed_mib = leaving.committed_on(&w.ix, to);
+    if committed_mib > w.s.hosts[to].memory_mib {
+        return Err(NoRoom::Memory);
     }
-    if d.cpu_pct > t.cpu_threshold_pct {
-        return Err(format!("{to} would reach {:.1}% CPU", d.cpu_pct));
+    let cpu_pct = leaving.cpu_on(&w.s, to);
+    if cpu_pct > t.cpu_threshold_pct {
+        return Err(NoRoom::Cpu);
     }
-    if d.nic_pct > t.nic_threshold_pct {
-        return Err(format!("{to} would reach {:.1}% NIC", d.nic_pct));
+    let nic_pct = leaving.nic_on(&w.s, to);
+    if nic_pct > t.nic_threshold_pct {
+        return Err(NoRoom::Nic);
     }
-    if let Some(over) = model::newly_over_capacity(s, &p) {
-        return Err(format!("{over} would exceed its capacity"));
+    let after = Load {
+        cpu_pct,
+        nic_pct,
+        committed_mib,
+    };
+    if leaving.pushes_past_capacity(&w.s, &w.ix, to, after) {
+        return Err(NoRoom::Capacity);
     }
-    Ok(p)
+    Ok(())
+}
+
+/// The hosts other than VM `vm`'s own that have room for it, in scenario order.
+pub(crate) fn destinations(w: &Work, vm: usize) -> Vec<usize> {
+    let leaving = Leaving::new(&w.s, &w.ix, vm);
+    (0..w.s.hosts.len())
+        .filter(|&h| room(w, &leaving, h).is_ok())
+        .collect()
 }
 
 /// Paper 004's answer to a memory overload before any migration: raise the balloon target of the VM that swaps most
-/// by one fixed step (clipped to its maximum), as long as the host has that much memory free. Returns why not when
-/// no VM on the host can grow.
-pub fn balloon_step(s: &Scenario, a: &Assessment) -> Result<Decision, String> {
-    let host = a.host.as_str();
+/// by one fixed step (clipped to its maximum), as long as the host has that much memory free. Returns the decision
+/// with the VM's position and its new target, or why not when no VM on the host can grow.
+pub(crate) fn balloon_step(
+    w: &Work,
+    host: usize,
+    a: &Assessment,
+) -> Result<(Decision, usize, u64), String> {
+    let s = &w.s;
+    let name = a.host.as_str();
     let step = s.tuning.balloon_step_mib;
-    let free = s.free_mib(host);
-    let mut growable: Vec<_> = s
-        .vms_on(host)
-        .filter_map(|v| {
-            let max = v.memory_max_mib?;
-            let to = (v.memory_mib + step).min(max);
-            (to > v.memory_mib && to - v.memory_mib <= free).then_some((v, to))
-        })
-        .collect();
+    let free = s.hosts[host]
+        .memory_mib
+        .saturating_sub(w.ix.committed_mib(host));
+    let mut growable: Vec<(usize, u64)> =
+        w.ix.on_host(host)
+            .iter()
+            .filter_map(|&vi| {
+                let v = &s.vms[vi];
+                let max = v.memory_max_mib?;
+                let to = (v.memory_mib + step).min(max);
+                (to > v.memory_mib && to - v.memory_mib <= free).then_some((vi, to))
+            })
+            .collect();
     // The guest that swaps most is the one short of memory; among equals, the fuller one.
-    growable.sort_by(|(a, _), (b, _)| {
+    growable.sort_by(|&(a, _), &(b, _)| {
+        let (a, b) = (&s.vms[a], &s.vms[b]);
         b.swap_writes_per_s
             .total_cmp(&a.swap_writes_per_s)
             .then_with(|| b.memory_pct.total_cmp(&a.memory_pct))
             .then_with(|| a.name.cmp(&b.name))
     });
     match growable.first() {
-        Some((v, to)) => Ok(Decision::Balloon {
-            vm: v.name.clone(),
-            host: host.to_owned(),
-            from_mib: v.memory_mib,
-            to_mib: *to,
-            reason: format!(
-                "memory overload on {host}: {}; {} swaps most ({:.0} writes/s) and can grow, {free} MiB free \
-                 on {host}, step {step} MiB, maximum {} MiB",
-                a.describe(),
-                v.name,
-                v.swap_writes_per_s,
-                v.memory_max_mib.unwrap_or(v.memory_mib)
-            ),
-        }),
+        Some(&(vi, to)) => {
+            let v = &s.vms[vi];
+            let d = Decision::Balloon {
+                vm: v.name.clone(),
+                host: name.to_owned(),
+                from_mib: v.memory_mib,
+                to_mib: to,
+                reason: format!(
+                    "memory overload on {name}: {}; {} swaps most ({:.0} writes/s) and can grow, {free} MiB free \
+                     on {name}, step {step} MiB, maximum {} MiB",
+                    a.describe(),
+                    v.name,
+                    v.swap_writes_per_s,
+                    v.memory_max_mib.unwrap_or(v.memory_mib)
+                ),
+            };
+            Ok((d, vi, to))
+        }
         None => Err(format!(
-            "no VM on {host} can grow its balloon ({free} MiB free, step {step} MiB, or every VM is at its maximum)"
+            "no VM on {name} can grow its balloon ({free} MiB free, step {step} MiB, or every VM is at its maximum)"
         )),
     }
 }

@@ -10,59 +10,21 @@
 //! (`tuning.vm_nic_bound_mbps`, by default the NIC speed). Ties go to the VM with more traffic. If no host has room
 //! for the victim, the next VM in V order is tried.
 //!
-//! Destination: among the hosts with room (see [`hotspot::room`]), the one where the victim's peers live (most
+//! Destination: among the hosts with room (see `hotspot::room`), the one where the victim's peers live (most
 //! traffic with it, the group reunion); without peers, the least loaded by Sandpiper's host volume.
 
+use std::cmp::Ordering;
+
 use super::hotspot::{self, Assessment, TrafficSplit};
-use super::model;
+use super::index::{Index, Names};
+use super::round::{self, Chooser, Move, Work};
 use super::scenario::{Scenario, Vm};
 use super::{fig, Decision, RoundPlan};
 
 /// One round of the idc policy. Each hotspot, worst first, gets at most one decision; later hotspots are planned
 /// against the figures as the earlier decisions leave them, so two moves cannot claim the same free room.
 pub fn plan(s: &Scenario) -> RoundPlan {
-    let mut out = RoundPlan::default();
-    let hot = hotspot::hotspots(s);
-    if hot.is_empty() {
-        out.notes.push(no_hotspot_note(s));
-        return out;
-    }
-    let mut work = s.clone();
-    for a in &hot {
-        // Paper 004: memory first, because relieving swapping can also relieve the CPU.
-        if a.swap.over() {
-            match hotspot::balloon_step(&work, a) {
-                Ok(d) => {
-                    if let Decision::Balloon { vm, to_mib, .. } = &d {
-                        model::balloon(&mut work, vm, *to_mib);
-                    }
-                    out.decisions.push(d);
-                    continue;
-                }
-                Err(why) => out
-                    .notes
-                    .push(format!("{}: {why}; migrating instead", a.host)),
-            }
-        }
-        match migration(&work, a) {
-            Ok(d) => {
-                if let Decision::Migrate { vm, to, .. } = &d {
-                    model::migrate(&mut work, vm, to);
-                }
-                out.decisions.push(d);
-            }
-            Err(why) => out.notes.push(why),
-        }
-    }
-    out
-}
-
-pub(crate) fn no_hotspot_note(s: &Scenario) -> String {
-    let t = &s.tuning;
-    format!(
-        "no hotspot: no host has both its current and predicted figures over {}% CPU, {} swap writes/s or {}% NIC",
-        t.cpu_threshold_pct, t.swap_threshold_writes_per_s, t.nic_threshold_pct
-    )
+    round::plan(s, &Idc)
 }
 
 /// The figures behind one VM's volume.
@@ -81,17 +43,27 @@ pub struct Volume {
 }
 
 /// V for `vm` on its (overloaded) host, with the host's CPU and memory overload flags.
+///
+/// # Panics
+/// If `vm` or its host is not in `s`.
 pub fn volume(s: &Scenario, vm: &Vm, cpu_flag: bool, mem_flag: bool) -> Volume {
-    let src = s.host(&vm.host).expect("vm's host in scenario");
-    let split = hotspot::traffic_split(s, vm);
+    let names = Names::new(s);
+    let vi = names.vm(&vm.name).expect("vm in scenario");
+    volume_at(s, &Index::new(s, &names), vi, cpu_flag, mem_flag)
+}
+
+/// [`volume`] of VM `vm` by position.
+fn volume_at(s: &Scenario, ix: &Index, vm: usize, cpu_flag: bool, mem_flag: bool) -> Volume {
+    let src = &s.hosts[ix.host_of(vm).expect("vm's host in scenario")];
+    let split = hotspot::traffic_split_at(s, ix, vm);
     let free_mbps = src.nic_mbps * (1.0 - src.nic_pct / 100.0).max(0.0);
     let available_mbps = (free_mbps + split.nic_mbps).min(src.nic_mbps);
     let bound_mbps = s.tuning.vm_nic_bound_mbps.unwrap_or(src.nic_mbps);
     let nds_mbps = split.idc_mbps.min(available_mbps).min(bound_mbps);
     let benefit_mbps = split.nic_mbps - nds_mbps;
     let benefit_pct = benefit_mbps / src.nic_mbps * 100.0;
-    let cpu_pct = vm.cpu_pct;
-    let mem_pct = hotspot::resident_pct(s, vm);
+    let cpu_pct = s.vms[vm].cpu_pct;
+    let mem_pct = hotspot::resident_pct_at(s, ix, vm);
     let v = cpu_pct * f64::from(u8::from(cpu_flag))
         + mem_pct * f64::from(u8::from(mem_flag))
         + benefit_pct;
@@ -108,48 +80,54 @@ pub fn volume(s: &Scenario, vm: &Vm, cpu_flag: bool, mem_flag: bool) -> Volume {
     }
 }
 
-fn migration(s: &Scenario, a: &Assessment) -> Result<Decision, String> {
-    let (c, m) = (a.cpu.over(), a.swap.over());
-    let mut ranked: Vec<(&Vm, Volume)> =
-        s.vms_on(&a.host).map(|v| (v, volume(s, v, c, m))).collect();
-    if ranked.is_empty() {
-        return Err(format!(
-            "{} is a hotspot ({}) but has no VM to move",
-            a.host,
-            a.describe()
-        ));
+/// idc's choices: the largest V moves, to the host with most of its peers, else the least loaded.
+struct Idc;
+
+impl Chooser for Idc {
+    type Score = Volume;
+
+    fn score(&self, w: &Work, a: &Assessment, vm: usize) -> Volume {
+        volume_at(&w.s, &w.ix, vm, a.cpu.over(), a.swap.over())
     }
-    ranked.sort_by(|(va, a), (vb, b)| {
+
+    fn rank(&self, w: &Work, (va, a): (usize, &Volume), (vb, b): (usize, &Volume)) -> Ordering {
         b.v.total_cmp(&a.v)
             .then_with(|| {
                 (b.split.nic_mbps + b.split.idc_mbps)
                     .total_cmp(&(a.split.nic_mbps + a.split.idc_mbps))
             })
-            .then_with(|| va.name.cmp(&vb.name))
-    });
-    let mut skipped = Vec::new();
-    for (vm, vol) in &ranked {
-        let (mut dests, _) = hotspot::destinations(s, vm);
-        if dests.is_empty() {
-            skipped.push(vm.name.as_str());
-            continue;
-        }
-        let peers = |h: &String| vol.split.by_host.get(h).copied().unwrap_or(0.0);
-        dests.sort_by(|x, y| {
-            peers(y)
-                .total_cmp(&peers(x))
-                .then_with(|| hotspot::host_volume(s, x).total_cmp(&hotspot::host_volume(s, y)))
-                .then_with(|| x.cmp(y))
-        });
-        let to = &dests[0];
-        let nsd = peers(to);
+            .then_with(|| w.s.vms[va].name.cmp(&w.s.vms[vb].name))
+    }
+
+    fn destination(&self, w: &Work, _vm: usize, vol: &Volume, dests: &[usize]) -> usize {
+        let peers = |h: usize| peers_on(vol, w, h);
+        let volume = |h: usize| hotspot::host_volume_at(&w.s, &w.ix, h);
+        let name = |h: usize| &w.s.hosts[h].name;
+        *dests
+            .iter()
+            .min_by(|&&x, &&y| {
+                peers(y)
+                    .total_cmp(&peers(x))
+                    .then_with(|| volume(x).total_cmp(&volume(y)))
+                    .then_with(|| name(x).cmp(name(y)))
+            })
+            .expect("a host with room")
+    }
+
+    fn decide(&self, m: &Move<'_, Volume>) -> Decision {
+        let (w, a, vol) = (m.w, m.hotspot, m.score);
+        let vm = &w.s.vms[m.vm];
+        let to = &w.s.hosts[m.to].name;
+        let (c, mem) = (a.cpu.over(), a.swap.over());
+        let nsd = peers_on(vol, w, m.to);
         let why_dest = if nsd > 0.0 {
-            let names: Vec<&str> = s
-                .peers(&vm.name)
-                .into_iter()
-                .filter(|(p, _)| s.vm(p).is_some_and(|p| &p.host == to))
-                .map(|(p, _)| p)
-                .collect();
+            let names: Vec<&str> =
+                w.ix.peers(m.vm)
+                    .iter()
+                    .filter_map(|p| p.vm)
+                    .filter(|&p| w.ix.host_of(p) == Some(m.to))
+                    .map(|p| w.s.vms[p].name.as_str())
+                    .collect();
             format!(
                 "{to} has room and reunites it with {} ({nsd:.0} Mbps become IDC)",
                 names.join(", ")
@@ -160,15 +138,15 @@ fn migration(s: &Scenario, a: &Assessment) -> Result<Decision, String> {
                 vm.name
             )
         };
-        let skipped_note = if skipped.is_empty() {
+        let skipped_note = if m.skipped.is_empty() {
             String::new()
         } else {
             format!(
                 " ({} ranked higher but no host has room)",
-                skipped.join(", ")
+                m.skipped.join(", ")
             )
         };
-        return Ok(Decision::Migrate {
+        Decision::Migrate {
             vm: vm.name.clone(),
             from: a.host.clone(),
             to: to.clone(),
@@ -181,7 +159,7 @@ fn migration(s: &Scenario, a: &Assessment) -> Result<Decision, String> {
                 vol.cpu_pct,
                 u8::from(c),
                 vol.mem_pct,
-                u8::from(m),
+                u8::from(mem),
                 vol.benefit_pct,
                 vol.v,
                 vol.benefit_mbps,
@@ -193,7 +171,7 @@ fn migration(s: &Scenario, a: &Assessment) -> Result<Decision, String> {
                 fig("cpu_pct", vol.cpu_pct),
                 fig("mem_pct", vol.mem_pct),
                 fig("cpu_flag", f64::from(u8::from(c))),
-                fig("mem_flag", f64::from(u8::from(m))),
+                fig("mem_flag", f64::from(u8::from(mem))),
                 fig("network_benefit_pct", vol.benefit_pct),
                 fig("network_benefit_mbps", vol.benefit_mbps),
                 fig("nso_plus_nsd_mbps", vol.split.nic_mbps),
@@ -203,13 +181,17 @@ fn migration(s: &Scenario, a: &Assessment) -> Result<Decision, String> {
                 fig("nds_mbps", vol.nds_mbps),
                 fig("nsd_mbps", nsd),
             ],
-        });
+        }
     }
-    Err(format!(
-        "{} is a hotspot ({}) but no other host has room for any of its VMs",
-        a.host,
-        a.describe()
-    ))
+}
+
+/// The VM's traffic with peers on host `h` (Nsd if it moved there).
+fn peers_on(vol: &Volume, w: &Work, h: usize) -> f64 {
+    vol.split
+        .by_host
+        .get(w.s.hosts[h].name.as_str())
+        .copied()
+        .unwrap_or(0.0)
 }
 
 #[cfg(test)]

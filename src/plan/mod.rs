@@ -3,14 +3,21 @@
 //! figures to the pure layer.
 //!
 //! - [`scenario`]: the model (hosts, VMs, traffic, tuning) and its validating JSON loader.
+//! - `index`: look-ups over a scenario (names to positions, VMs per host, flows per VM, committed memory), built once
+//!   a round and kept up to date as its decisions are applied, so that no round scans the scenario inside a loop.
 //! - [`model`]: the load-move model, how a migration or balloon change alters the figures.
+//! - [`ar1`]: the AR(1) one-step forecast, shared with `crate::stats::history`.
 //! - [`band`]: paper 000's three-band CPU policy.
 //! - [`budget`]: an evacuation's per-host link budget split among its migrations, more to a stalled one.
 //! - [`evacuate`]: paper 001's informed evacuation plan: destinations by capacity and affinity, the sequence.
 //! - [`hotspot`]: AR(1) hotspot detection, balloon steps and the destination room test shared by idc and sandpiper.
+//! - `round`: the round idc and sandpiper share, each policy plugging in its choice of VM and destination.
 //! - [`idc`]: paper 004's inter-domain-communication-aware policy.
 //! - [`sandpiper`]: Sandpiper's volume-to-size policy, paper 004's baseline.
 //! - [`simulate`]: rounds of decide-then-apply, rendered as text or JSON.
+//!
+//! Tests only: `reference` keeps the policies and the evacuation planner as they were before they were made to
+//! scale, and a property test checks that both decide alike. `scripts/bench-plan` measures a round at scale.
 
 use std::fmt;
 use std::io::Read as _;
@@ -19,18 +26,23 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
+pub mod ar1;
 pub mod band;
 pub mod budget;
 pub mod evacuate;
 pub mod hotspot;
 pub mod idc;
+mod index;
 pub mod model;
+mod round;
 pub mod sandpiper;
 pub mod scenario;
 pub mod simulate;
 
 #[cfg(test)]
 mod properties;
+#[cfg(test)]
+mod reference;
 
 pub use scenario::{
     Entry, Flow, History, Host, Scenario, Tuning, Vm, MAX_FLOWS, MAX_HOSTS, MAX_VMS,

@@ -15,7 +15,11 @@
 //! - Ballooning changes only the VM's `memory_mib`; its effect on swapping is not modelled, so a guest keeps its
 //!   swap rate until fresh figures say otherwise.
 
-use super::scenario::Scenario;
+use super::index::Index;
+use super::scenario::{Host, Scenario};
+
+/// One flow of a moving VM: the peer's position, its host's, and the Mbps.
+pub(crate) type PeerFlow = (usize, usize, f64);
 
 /// Moves `vm` to `to` and updates every figure the model covers. Values above capacity are kept as they are (not
 /// clamped), so a bad plan shows up in the numbers instead of being hidden.
@@ -28,13 +32,50 @@ pub fn migrate(s: &mut Scenario, vm: &str, to: &str) {
         .iter()
         .position(|v| v.name == vm)
         .expect("vm in scenario");
-    let from = s.vms[vi].host.clone();
-    if from == to {
+    if s.vms[vi].host == to {
         return;
     }
-    let si = host_index(s, &from);
+    let si = host_index(s, &s.vms[vi].host);
     let di = host_index(s, to);
+    let flows: Vec<PeerFlow> = s
+        .peers(vm)
+        .into_iter()
+        .map(|(peer, mbps)| {
+            let pi = s
+                .vms
+                .iter()
+                .position(|v| v.name == peer)
+                .expect("peer in scenario");
+            (pi, host_index(s, &s.vms[pi].host), mbps)
+        })
+        .collect();
+    migrate_at(s, vi, si, di, &flows);
+}
 
+fn host_index(s: &Scenario, name: &str) -> usize {
+    s.hosts
+        .iter()
+        .position(|h| h.name == name)
+        .expect("host in scenario")
+}
+
+/// The flows of VM `vm` as [`migrate_at`] takes them, from the index.
+///
+/// # Panics
+/// If a peer or its host is not in the scenario (never in a validated one).
+pub(crate) fn peer_flows(ix: &Index, vm: usize) -> Vec<PeerFlow> {
+    ix.peers(vm)
+        .iter()
+        .map(|p| {
+            let pi = p.vm.expect("peer in scenario");
+            (pi, ix.host_of(pi).expect("host in scenario"), p.mbps)
+        })
+        .collect()
+}
+
+/// [`migrate`] by position: moves VM `vi` from host `si` to host `di`; `flows` are its flows sorted by peer name, as
+/// [`Scenario::peers`] lists them, with where the peers are.
+pub(crate) fn migrate_at(s: &mut Scenario, vi: usize, si: usize, di: usize, flows: &[PeerFlow]) {
     let cpu_src = s.vms[vi].cpu_pct;
     let cpu_dst = cpu_src * f64::from(s.hosts[si].cpus) / f64::from(s.hosts[di].cpus);
     s.hosts[si].cpu_pct = (s.hosts[si].cpu_pct - cpu_src).max(0.0);
@@ -47,20 +88,9 @@ pub fn migrate(s: &mut Scenario, vm: &str, to: &str) {
 
     // NIC deltas in Mbps per host index, applied at the end.
     let mut delta = vec![0.0_f64; s.hosts.len()];
-    let flows: Vec<(String, f64)> = s
-        .peers(vm)
-        .into_iter()
-        .map(|(p, mbps)| (p.to_owned(), mbps))
-        .collect();
     let mut cross_before = 0.0;
     let mut cross_after = 0.0;
-    for (peer, mbps) in &flows {
-        let pi = s
-            .vms
-            .iter()
-            .position(|v| &v.name == peer)
-            .expect("peer in scenario");
-        let ph = host_index(s, &s.vms[pi].host.clone());
+    for &(pi, ph, mbps) in flows {
         let before = ph != si;
         let after = ph != di;
         if before {
@@ -81,10 +111,15 @@ pub fn migrate(s: &mut Scenario, vm: &str, to: &str) {
     delta[di] += external;
     s.vms[vi].nic_mbps = external + cross_after;
     for (h, d) in s.hosts.iter_mut().zip(delta) {
-        h.nic_pct = (h.nic_pct + d / h.nic_mbps * 100.0).max(0.0);
+        h.nic_pct = nic_after(h, d);
     }
 
-    s.vms[vi].host = to.to_owned();
+    s.vms[vi].host.clone_from(&s.hosts[di].name);
+}
+
+/// A host's NIC utilisation once `delta_mbps` more (or less) crosses it.
+fn nic_after(h: &Host, delta_mbps: f64) -> f64 {
+    (h.nic_pct + delta_mbps / h.nic_mbps * 100.0).max(0.0)
 }
 
 /// A copy of `s` with `vm` moved to `to`: what the destination would look like.
@@ -101,21 +136,45 @@ pub fn balloon(s: &mut Scenario, vm: &str, to_mib: u64) {
     }
 }
 
-fn host_index(s: &Scenario, name: &str) -> usize {
-    s.hosts
-        .iter()
-        .position(|h| h.name == name)
-        .expect("host in scenario")
+/// The figures of a host that physical capacity is judged on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Load {
+    pub cpu_pct: f64,
+    pub nic_pct: f64,
+    pub committed_mib: u64,
+}
+
+impl Load {
+    /// Host `h` as `s` and `ix` have it now.
+    pub(crate) fn now(s: &Scenario, ix: &Index, h: usize) -> Load {
+        let host = &s.hosts[h];
+        Load {
+            cpu_pct: host.cpu_pct,
+            nic_pct: host.nic_pct,
+            committed_mib: ix.committed_mib(h),
+        }
+    }
+
+    /// CPU and NIC at most 100 %, memory committed at most the host's memory. A small tolerance absorbs rounding in
+    /// the scaled CPU figures.
+    pub(crate) fn within(&self, h: &Host) -> bool {
+        const EPS: f64 = 1e-9;
+        self.cpu_pct <= 100.0 + EPS
+            && self.nic_pct <= 100.0 + EPS
+            && self.committed_mib <= h.memory_mib
+    }
 }
 
 /// Whether every host in `s` is within its physical capacity: CPU and NIC at most 100 %, memory committed at most
 /// the host's memory. A small tolerance absorbs rounding in the scaled CPU figures.
 pub fn within_capacity(s: &Scenario, host: &str) -> bool {
-    const EPS: f64 = 1e-9;
     s.host(host).is_some_and(|h| {
-        h.cpu_pct <= 100.0 + EPS
-            && h.nic_pct <= 100.0 + EPS
-            && s.committed_mib(host) <= h.memory_mib
+        Load {
+            cpu_pct: h.cpu_pct,
+            nic_pct: h.nic_pct,
+            committed_mib: s.committed_mib(host),
+        }
+        .within(h)
     })
 }
 
@@ -127,6 +186,149 @@ pub fn newly_over_capacity<'a>(before: &Scenario, after: &'a Scenario) -> Option
         .iter()
         .map(|h| h.name.as_str())
         .find(|h| within_capacity(before, h) && !within_capacity(after, h))
+}
+
+/// A VM about to leave its host, with the arithmetic of [`migrate_at`] done once for any destination, so that
+/// trying every host costs a few operations each instead of a projected copy of the scenario.
+///
+/// Only the source's and the destination's figures change: a flow with a peer on a third host crosses that host's
+/// NIC before and after the move, and its delta there is `0 − mbps + mbps`, exactly 0. The deltas of the source and
+/// the destination are summed flow by flow in the order [`migrate_at`] sums them, so the projected figures are the
+/// same numbers to the last bit.
+#[derive(Debug, Clone)]
+pub(crate) struct Leaving {
+    from: usize,
+    cpu_pct: f64,
+    memory_mib: u64,
+    /// (peer's host, Mbps), sorted by peer name as [`Index::peers`] gives them.
+    flows: Vec<(usize, f64)>,
+    /// The hosts holding a peer, sorted: the destinations where the deltas must be summed again.
+    peer_hosts: Vec<usize>,
+    external_mbps: f64,
+    /// The source's and the destination's NIC deltas (Mbps) for a destination without peers.
+    src_delta_mbps: f64,
+    dst_delta_mbps: f64,
+}
+
+impl Leaving {
+    /// VM `vm` leaving the host `ix` places it on.
+    ///
+    /// # Panics
+    /// If the VM, a peer of it, or their host is not in the scenario (never in a validated one).
+    pub(crate) fn new(s: &Scenario, ix: &Index, vm: usize) -> Leaving {
+        let from = ix.host_of(vm).expect("vm's host in scenario");
+        let flows: Vec<(usize, f64)> = peer_flows(ix, vm)
+            .into_iter()
+            .map(|(_, ph, mbps)| (ph, mbps))
+            .collect();
+        let mut peer_hosts: Vec<usize> = flows.iter().map(|&(h, _)| h).collect();
+        peer_hosts.sort_unstable();
+        peer_hosts.dedup();
+        let mut cross_before = 0.0;
+        for &(ph, mbps) in &flows {
+            if ph != from {
+                cross_before += mbps;
+            }
+        }
+        let external_mbps = (s.vms[vm].nic_mbps - cross_before).max(0.0);
+        let mut leaving = Leaving {
+            from,
+            cpu_pct: s.vms[vm].cpu_pct,
+            memory_mib: s.vms[vm].memory_mib,
+            flows,
+            peer_hosts,
+            external_mbps,
+            src_delta_mbps: 0.0,
+            dst_delta_mbps: 0.0,
+        };
+        // No host is `usize::MAX`, so this is the destination without peers.
+        (leaving.src_delta_mbps, leaving.dst_delta_mbps) = leaving.deltas(usize::MAX);
+        leaving
+    }
+
+    /// The host it leaves.
+    pub(crate) fn from(&self) -> usize {
+        self.from
+    }
+
+    /// The NIC deltas of the source and of destination `di`, summed as [`migrate_at`] sums them.
+    fn deltas(&self, di: usize) -> (f64, f64) {
+        let (si, mut src, mut dst) = (self.from, 0.0, 0.0);
+        for &(ph, mbps) in &self.flows {
+            if ph != si {
+                src -= mbps;
+                if ph == di {
+                    dst -= mbps;
+                }
+            }
+            if ph != di {
+                dst += mbps;
+                if ph == si {
+                    src += mbps;
+                }
+            }
+        }
+        (src - self.external_mbps, dst + self.external_mbps)
+    }
+
+    /// The NIC deltas for destination `di`: the precomputed ones unless a peer lives there.
+    fn deltas_to(&self, di: usize) -> (f64, f64) {
+        if self.peer_hosts.binary_search(&di).is_ok() {
+            self.deltas(di)
+        } else {
+            (self.src_delta_mbps, self.dst_delta_mbps)
+        }
+    }
+
+    /// Destination `di`'s figures after the move (`di` is not the source).
+    pub(crate) fn arriving(&self, s: &Scenario, ix: &Index, di: usize) -> Load {
+        Load {
+            cpu_pct: self.cpu_on(s, di),
+            nic_pct: self.nic_on(s, di),
+            committed_mib: self.committed_on(ix, di),
+        }
+    }
+
+    // The destination's figures one by one, for checks that stop at the first that fails.
+
+    pub(crate) fn cpu_on(&self, s: &Scenario, di: usize) -> f64 {
+        let (src, dst) = (&s.hosts[self.from], &s.hosts[di]);
+        dst.cpu_pct + self.cpu_pct * f64::from(src.cpus) / f64::from(dst.cpus)
+    }
+
+    pub(crate) fn nic_on(&self, s: &Scenario, di: usize) -> f64 {
+        nic_after(&s.hosts[di], self.deltas_to(di).1)
+    }
+
+    pub(crate) fn committed_on(&self, ix: &Index, di: usize) -> u64 {
+        ix.committed_mib(di) + self.memory_mib
+    }
+
+    /// The source's figures after a move to `di`.
+    fn departed(&self, s: &Scenario, ix: &Index, di: usize) -> Load {
+        let src = &s.hosts[self.from];
+        Load {
+            cpu_pct: (src.cpu_pct - self.cpu_pct).max(0.0),
+            nic_pct: nic_after(src, self.deltas_to(di).0),
+            committed_mib: ix.committed_mib(self.from) - self.memory_mib,
+        }
+    }
+
+    /// Whether the move to `di`, which leaves `di` at `arriving`, pushes its source or `di` past physical capacity
+    /// when it was within it ([`newly_over_capacity`] on the projected scenario; no other host's figures change).
+    pub(crate) fn pushes_past_capacity(
+        &self,
+        s: &Scenario,
+        ix: &Index,
+        di: usize,
+        arriving: Load,
+    ) -> bool {
+        let pushed = |h: usize, after: Load| {
+            let host = &s.hosts[h];
+            Load::now(s, ix, h).within(host) && !after.within(host)
+        };
+        pushed(di, arriving) || pushed(self.from, self.departed(s, ix, di))
+    }
 }
 
 #[cfg(test)]

@@ -6,11 +6,15 @@
 //! with VMs on the same host, which Sandpiper counts and paper 004 argues it should not. Size is the VM's memory in
 //! MiB. The least loaded host is the one with the smallest host volume.
 //!
-//! Hotspot detection and the balloon step before migrating are the same as idc's ([`super::hotspot`]): paper 004
-//! describes Sandpiper allocating memory first as well, so the two policies differ only in which VM moves and where.
+//! Hotspot detection, the balloon step before migrating and the round are the same as idc's ([`super::hotspot`],
+//! `round.rs`): paper 004 describes Sandpiper allocating memory first as well, so the two policies differ only
+//! in which VM moves and where.
+
+use std::cmp::Ordering;
 
 use super::hotspot::{self, Assessment};
-use super::model;
+use super::index::{Index, Names};
+use super::round::{self, Chooser, Move, Work};
 use super::scenario::{Scenario, Vm};
 use super::{fig, Decision, RoundPlan};
 
@@ -25,20 +29,30 @@ pub struct Vsr {
     pub vsr: f64,
 }
 
+/// # Panics
+/// If `vm` or its host is not in `s`.
 pub fn vsr(s: &Scenario, vm: &Vm) -> Vsr {
-    let src = s.host(&vm.host).expect("vm's host in scenario");
-    let split = hotspot::traffic_split(s, vm);
+    let names = Names::new(s);
+    let vi = names.vm(&vm.name).expect("vm in scenario");
+    vsr_at(s, &Index::new(s, &names), vi)
+}
+
+/// [`vsr`] of VM `vm` by position.
+fn vsr_at(s: &Scenario, ix: &Index, vm: usize) -> Vsr {
+    let src = &s.hosts[ix.host_of(vm).expect("vm's host in scenario")];
+    let v = &s.vms[vm];
+    let split = hotspot::traffic_split_at(s, ix, vm);
     let net_pct = (split.nic_mbps + split.idc_mbps) / src.nic_mbps * 100.0;
-    let mem_pct = hotspot::resident_pct(s, vm);
-    let volume = hotspot::volume(vm.cpu_pct, mem_pct, net_pct);
+    let mem_pct = hotspot::resident_pct_at(s, ix, vm);
+    let volume = hotspot::volume(v.cpu_pct, mem_pct, net_pct);
     #[allow(clippy::cast_precision_loss)] // MiB counts are far below 2^52
-    let vsr = volume / vm.memory_mib as f64;
+    let vsr = volume / v.memory_mib as f64;
     Vsr {
-        cpu_pct: vm.cpu_pct,
+        cpu_pct: v.cpu_pct,
         mem_pct,
         net_pct,
         volume,
-        size_mib: vm.memory_mib,
+        size_mib: v.memory_mib,
         vsr,
     }
 }
@@ -46,61 +60,43 @@ pub fn vsr(s: &Scenario, vm: &Vm) -> Vsr {
 /// One round of the sandpiper policy: each hotspot, worst first, gets at most one decision, planned against the
 /// figures the earlier decisions of the round leave.
 pub fn plan(s: &Scenario) -> RoundPlan {
-    let mut out = RoundPlan::default();
-    let hot = hotspot::hotspots(s);
-    if hot.is_empty() {
-        out.notes.push(super::idc::no_hotspot_note(s));
-        return out;
-    }
-    let mut work = s.clone();
-    for a in &hot {
-        if a.swap.over() {
-            match hotspot::balloon_step(&work, a) {
-                Ok(d) => {
-                    if let Decision::Balloon { vm, to_mib, .. } = &d {
-                        model::balloon(&mut work, vm, *to_mib);
-                    }
-                    out.decisions.push(d);
-                    continue;
-                }
-                Err(why) => out
-                    .notes
-                    .push(format!("{}: {why}; migrating instead", a.host)),
-            }
-        }
-        match migration(&work, a) {
-            Ok(d) => {
-                if let Decision::Migrate { vm, to, .. } = &d {
-                    model::migrate(&mut work, vm, to);
-                }
-                out.decisions.push(d);
-            }
-            Err(why) => out.notes.push(why),
-        }
-    }
-    out
+    round::plan(s, &Sandpiper)
 }
 
-fn migration(s: &Scenario, a: &Assessment) -> Result<Decision, String> {
-    let mut ranked: Vec<(&Vm, Vsr)> = s.vms_on(&a.host).map(|v| (v, vsr(s, v))).collect();
-    if ranked.is_empty() {
-        return Err(format!(
-            "{} is a hotspot ({}) but has no VM to move",
-            a.host,
-            a.describe()
-        ));
+/// Sandpiper's choices: the largest VSR with room elsewhere moves, to the least loaded host with room.
+struct Sandpiper;
+
+impl Chooser for Sandpiper {
+    type Score = Vsr;
+
+    fn score(&self, w: &Work, _a: &Assessment, vm: usize) -> Vsr {
+        vsr_at(&w.s, &w.ix, vm)
     }
-    ranked.sort_by(|(va, a), (vb, b)| b.vsr.total_cmp(&a.vsr).then_with(|| va.name.cmp(&vb.name)));
-    for (vm, r) in &ranked {
-        let (mut dests, _) = hotspot::destinations(s, vm);
-        dests.sort_by(|x, y| {
-            hotspot::host_volume(s, x)
-                .total_cmp(&hotspot::host_volume(s, y))
-                .then_with(|| x.cmp(y))
-        });
-        let Some(to) = dests.first() else { continue };
-        let to_volume = hotspot::host_volume(s, to);
-        return Ok(Decision::Migrate {
+
+    fn rank(&self, w: &Work, (va, a): (usize, &Vsr), (vb, b): (usize, &Vsr)) -> Ordering {
+        b.vsr
+            .total_cmp(&a.vsr)
+            .then_with(|| w.s.vms[va].name.cmp(&w.s.vms[vb].name))
+    }
+
+    fn destination(&self, w: &Work, _vm: usize, _r: &Vsr, dests: &[usize]) -> usize {
+        let volume = |h: usize| hotspot::host_volume_at(&w.s, &w.ix, h);
+        *dests
+            .iter()
+            .min_by(|&&x, &&y| {
+                volume(x)
+                    .total_cmp(&volume(y))
+                    .then_with(|| w.s.hosts[x].name.cmp(&w.s.hosts[y].name))
+            })
+            .expect("a host with room")
+    }
+
+    fn decide(&self, m: &Move<'_, Vsr>) -> Decision {
+        let (w, a, r) = (m.w, m.hotspot, m.score);
+        let vm = &w.s.vms[m.vm];
+        let to = &w.s.hosts[m.to].name;
+        let to_volume = hotspot::host_volume_at(&w.s, &w.ix, m.to);
+        Decision::Migrate {
             vm: vm.name.clone(),
             from: a.host.clone(),
             to: to.clone(),
@@ -127,13 +123,8 @@ fn migration(s: &Scenario, a: &Assessment) -> Result<Decision, String> {
                 fig("size_mib", r.size_mib as f64),
                 fig("destination_volume", to_volume),
             ],
-        });
+        }
     }
-    Err(format!(
-        "{} is a hotspot ({}) but no other host has room for any of its VMs",
-        a.host,
-        a.describe()
-    ))
 }
 
 #[cfg(test)]

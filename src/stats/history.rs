@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
-/// Fewer samples than this give no usable lag-1 autocorrelation, so the prediction is the last value.
-pub const AR1_MIN_SAMPLES: usize = 3;
+// The AR(1) forecast lives in the pure decision layer, which the balancing policies share with this module.
+pub use crate::plan::ar1::{ar1_next, ar1_phi, AR1_MIN_SAMPLES};
 
 /// How many samples a series keeps unless told otherwise: ten minutes of per-second samples.
 pub const DEFAULT_CAPACITY: usize = 600;
@@ -126,38 +126,6 @@ impl Series {
     /// The AR(1) one-step prediction of the series (see [`ar1_next`]).
     pub fn predict_next(&self) -> Option<f64> {
         ar1_next(&self.values())
-    }
-}
-
-/// φ of a series: its lag-1 autocorrelation, clamped to [-1, 1]. `None` with fewer than [`AR1_MIN_SAMPLES`]
-/// samples; 0 for a flat series (nothing to correlate, so the mean is the best guess — which for a flat series is
-/// also its last value).
-pub fn ar1_phi(values: &[f64]) -> Option<f64> {
-    if values.len() < AR1_MIN_SAMPLES {
-        return None;
-    }
-    #[allow(clippy::cast_precision_loss)] // a history is a bounded number of samples
-    let mean = values.iter().sum::<f64>() / values.len() as f64;
-    let dev = || values.iter().map(|v| v - mean);
-    let var: f64 = dev().map(|d| d * d).sum();
-    if var == 0.0 {
-        return Some(0.0);
-    }
-    let lagged: f64 = dev().zip(dev().skip(1)).map(|(a, b)| a * b).sum();
-    Some((lagged / var).clamp(-1.0, 1.0))
-}
-
-/// The AR(1) one-step prediction u(k+1) = μ + φ (u(k) − μ) of a series (paper 004), μ its mean and φ from
-/// [`ar1_phi`]; the last value while there are fewer than [`AR1_MIN_SAMPLES`] samples; `None` when empty.
-pub fn ar1_next(values: &[f64]) -> Option<f64> {
-    let last = *values.last()?;
-    match ar1_phi(values) {
-        Some(phi) => {
-            #[allow(clippy::cast_precision_loss)]
-            let mu = values.iter().sum::<f64>() / values.len() as f64;
-            Some(mu + phi * (last - mu))
-        }
-        None => Some(last),
     }
 }
 
