@@ -61,6 +61,24 @@ pub enum Command {
 pub enum InventoryCommand {
     /// Reach every host and VM of an inventory and print what was found, and what is wrong where.
     Check(InventoryCheckArgs),
+    /// Measure the traffic between the inventory's VMs on its hosts (frames counted per MAC pair on the hosts'
+    /// bridges, by nftables) over a window, and print who sends whom how much.
+    Traffic(InventoryTrafficArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InventoryTrafficArgs {
+    /// The inventory file (TOML; see examples/inventory.toml).
+    pub file: PathBuf,
+    /// How long to count.
+    #[arg(long, default_value = "3s")]
+    pub window: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Remove qmigrate's counting table from every host instead (it stays between measurements otherwise).
+    #[arg(long)]
+    pub remove: bool,
 }
 
 #[derive(Debug, clap::Args)]

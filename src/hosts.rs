@@ -60,6 +60,9 @@ pub struct VmCheck {
     /// Memory, balloon and the guest's own memory statistics (same round); not in the check's JSON.
     #[serde(skip)]
     pub memory: Option<crate::stats::MemorySample>,
+    /// The MACs of its NICs (`query-rx-filter`), by which the traffic counters name it.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub macs: Vec<String>,
     pub groups: Vec<String>,
     pub anti_affinity: Vec<String>,
     /// What is wrong with this VM (unreachable socket, not QEMU), if anything.
@@ -226,6 +229,7 @@ async fn check_vm(
         classes: Vec::new(),
         figures: None,
         memory: None,
+        macs: Vec::new(),
         groups: Vec::new(),
         anti_affinity: Vec::new(),
         error: None,
@@ -265,6 +269,16 @@ async fn check_vm(
                 .await
                 .ok()
                 .and_then(|m| m.status);
+            vm.macs = q
+                .execute(&crate::qmp::stats_types::QueryRxFilter {})
+                .await
+                .map(|nics| {
+                    nics.into_iter()
+                        .map(|n| n.main_mac.to_ascii_lowercase())
+                        .filter(|m| !m.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default();
         }
     }
     // An entry names the VM; else an entry whose name is QEMU's -name claims it.

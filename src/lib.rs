@@ -35,3 +35,4 @@ pub mod testbed;
 pub mod text;
 pub mod timeline;
 pub mod top;
+pub mod traffic;

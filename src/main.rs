@@ -93,6 +93,7 @@ async fn run(command: cli::Command) -> Exit {
         cli::Command::Serve(a) => serve(&a).await,
         cli::Command::DirtyRate(a) => dirty_rate(&a).await,
         cli::Command::Inventory(cli::InventoryCommand::Check(a)) => inventory_check(&a).await,
+        cli::Command::Inventory(cli::InventoryCommand::Traffic(a)) => inventory_traffic(&a).await,
         cli::Command::Evacuate(a) => evacuate(&a).await,
         cli::Command::Balance(a) => balance(&a).await,
         cli::Command::Completions(a) => {
@@ -297,6 +298,72 @@ async fn inventory_check(a: &cli::InventoryCheckArgs) -> Exit {
         print!("{}", report.to_table());
     }
     if report.problems.is_empty() {
+        Exit::Completed
+    } else {
+        Exit::Endpoint
+    }
+}
+
+async fn inventory_traffic(a: &cli::InventoryTrafficArgs) -> Exit {
+    use qmigrate::traffic;
+    let window = match humantime::parse_duration(&a.window) {
+        Ok(w) if !w.is_zero() && w <= Duration::from_secs(3600) => w,
+        Ok(_) => {
+            return fail(
+                &anyhow::anyhow!("--window {}: must be more than 0 and at most 1h", a.window),
+                Exit::Usage,
+            )
+        }
+        Err(e) => {
+            return fail(
+                &anyhow::Error::new(e).context(format!("--window {:?}", a.window)),
+                Exit::Usage,
+            )
+        }
+    };
+    let inv = match qmigrate::inventory::Inventory::load(&a.file) {
+        Ok(i) => i,
+        Err(e) => return fail(&anyhow::Error::new(e), Exit::Usage),
+    };
+    let links = qmigrate::remote::links(&inv);
+    if a.remove {
+        let failed = traffic::remove(&links, qmigrate::remote::COMMAND_TIMEOUT).await;
+        for (host, e) in &failed {
+            eprintln!("error: host {host}: {}", qmigrate::stats::error_chain(e));
+        }
+        return if failed.is_empty() {
+            Exit::Completed
+        } else {
+            Exit::Endpoint
+        };
+    }
+    let connect = qmigrate::qmp::ConnectOptions::default();
+    let (check, measured) = tokio::join!(
+        qmigrate::hosts::check(&inv, &connect, false),
+        traffic::measure(&links, window, qmigrate::remote::COMMAND_TIMEOUT)
+    );
+    let (rates, not_measured) = traffic::gathered(measured);
+    let mut problems = check.problems.clone();
+    problems.extend(not_measured);
+    let matrix = traffic::matrix(&rates, &traffic::vm_macs(&check));
+    if a.json {
+        let out = serde_json::json!({
+            "window_s": window.as_secs_f64(),
+            "directed": matrix.directed,
+            "flows": matrix.flows,
+            "problems": problems,
+        });
+        match serde_json::to_string_pretty(&out) {
+            Ok(s) => println!("{s}"),
+            Err(e) => return fail(&anyhow::Error::new(e), Exit::Internal),
+        }
+    } else {
+        print!("{}", traffic::to_table(&matrix, window));
+        for p in &problems {
+            eprintln!("problem: {p}");
+        }
+    }
+    if problems.is_empty() {
         Exit::Completed
     } else {
         Exit::Endpoint

@@ -2,6 +2,10 @@
  *   workload cpu                    busy loop on one vCPU
  *   workload dirty MiB [MiB/s]      random writes over MiB of memory, as fast as possible or rate-limited
  *   workload netrecv PORT           TCP listener that discards everything it receives
+ *   workload send IP PORT KiB/s     TCP sender to IP:PORT at KiB/s (connects every 200 ms until it can, reconnects
+ *                                   after a drop)
+ *   workload hog MiB                holds MiB of memory and writes one byte per page of it, pass after pass, 50 ms
+ *                                   apart (init runs it for workload=swap:MiB, with /dev/vda as swap)
  *   workload disk DEVICE            continuous writes over a block device
  *   workload ticks MS               prints "tick N" (N = 1, 2, 3, ...) every MS ms, forever
  * Each but ticks prints one "ready" line to stdout once its steady state begins. ticks prints none: it runs beside
@@ -10,9 +14,13 @@
  * guest that ran twice from one state, or was rolled back, shows on the consoles as a repeated or lower N. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,6 +95,99 @@ static int netrecv(int port) {
     }
 }
 
+/* One connection attempt with a 2 s limit (a SYN nobody answers would otherwise block for minutes). */
+static int connect_once(const struct sockaddr_in *a) {
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (connect(fd, (const struct sockaddr *)a, sizeof *a) && errno != EINPROGRESS) { close(fd); return -1; }
+    struct pollfd p = { .fd = fd, .events = POLLOUT };
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (poll(&p, 1, 2000) != 1 || getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) || err) { close(fd); return -1; }
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+    /* A peer gone without a reset (its VM killed) shows as a drop after 30 s of unacknowledged data, not the
+     * kernel's ~15 minutes; a migration's pause is far shorter. */
+    unsigned timeout_ms = 30000;
+    setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &timeout_ms, sizeof timeout_ms);
+    return fd;
+}
+
+static int send_rate(const char *ip, int port, long kib_per_s) {
+    struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons(port) };
+    if (inet_pton(AF_INET, ip, &a.sin_addr) != 1 || port <= 0 || port > 65535 || kib_per_s <= 0) {
+        fprintf(stderr, "send: want IP PORT KiB/s, got %s %d %ld\n", ip, port, kib_per_s);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    static char buf[1 << 16];
+    memset(buf, 0x5a, sizeof buf);
+    const double rate = kib_per_s * 1024.0; /* bytes per second */
+    int announced = 0;
+    for (;;) {
+        int fd;
+        while ((fd = connect_once(&a)) < 0) {
+            struct timespec ts = { 0, 200000000L };
+            nanosleep(&ts, NULL);
+        }
+        if (!announced) {
+            printf("workload send %s:%d %ld ready\n", ip, port, kib_per_s);
+            fflush(stdout);
+            announced = 1;
+        }
+        /* Pace every 10 ms against the totals since `start`, so rounding and sleep overshoot never accumulate:
+         * the long-run average is exactly the rate. More than 1 s behind (the guest paused, say, or the send
+         * blocked while the peer was away) starts afresh rather than bursting to catch up. */
+        double start = now_s();
+        uint64_t sent = 0;
+        struct timespec next;
+        clock_gettime(CLOCK_MONOTONIC, &next);
+        int broken = 0; /* the errno that ended the connection */
+        while (!broken) {
+            double t = now_s();
+            double due = (t - start) * rate - (double)sent;
+            if (due > rate) { start = t - sent / rate; due = 0; }
+            while (due >= 1) {
+                size_t n = due < sizeof buf ? (size_t)due : sizeof buf;
+                ssize_t w = send(fd, buf, n, MSG_NOSIGNAL);
+                if (w <= 0) {
+                    if (w < 0 && errno == EINTR) continue;
+                    broken = w < 0 ? errno : ECONNRESET;
+                    break;
+                }
+                sent += (uint64_t)w;
+                due -= (double)w;
+            }
+            if (broken) break;
+            next.tv_nsec += 10000000L;
+            if (next.tv_nsec >= 1000000000L) { next.tv_sec++; next.tv_nsec -= 1000000000L; }
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if (now.tv_sec > next.tv_sec + 1) next = now;
+            while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL) == EINTR) {}
+        }
+        close(fd);
+        fprintf(stderr, "workload send: connection to %s:%d lost (%s), reconnecting\n", ip, port, strerror(broken));
+    }
+}
+
+/* Memory pressure: hold MiB and keep every page of it in use, so a guest with less free memory than that (its
+ * balloon inflated) must swap. */
+static int hog(long mib) {
+    if (mib <= 0) { fprintf(stderr, "hog: MiB must be positive\n"); return 2; }
+    size_t bytes = (size_t)mib << 20;
+    volatile unsigned char *mem = malloc(bytes);
+    if (!mem) { perror("malloc"); return 1; }
+    for (uint64_t pass = 1;; pass++) {
+        for (size_t off = 0; off < bytes; off += PAGE) mem[off] = (unsigned char)(pass | 1); /* never zero */
+        if (pass == 1) {
+            printf("workload swap %ld ready\n", mib);
+            fflush(stdout);
+        }
+        struct timespec ts = { 0, 50000000L };
+        nanosleep(&ts, NULL);
+    }
+}
+
 static int disk(const char *dev) {
     int fd = open(dev, O_WRONLY);
     if (fd < 0) { perror(dev); return 1; }
@@ -128,8 +229,11 @@ int main(int argc, char **argv) {
     if (argc >= 2 && !strcmp(argv[1], "cpu")) return cpu();
     if (argc >= 3 && !strcmp(argv[1], "dirty")) return dirty(atol(argv[2]), argc >= 4 ? atol(argv[3]) : 0);
     if (argc >= 3 && !strcmp(argv[1], "netrecv")) return netrecv(atoi(argv[2]));
+    if (argc >= 5 && !strcmp(argv[1], "send")) return send_rate(argv[2], atoi(argv[3]), atol(argv[4]));
+    if (argc >= 3 && !strcmp(argv[1], "hog")) return hog(atol(argv[2]));
     if (argc >= 3 && !strcmp(argv[1], "disk")) return disk(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "ticks")) return ticks(atol(argv[2]));
-    fprintf(stderr, "usage: workload cpu | dirty MiB [MiB/s] | netrecv PORT | disk DEVICE | ticks MS\n");
+    fprintf(stderr, "usage: workload cpu | dirty MiB [MiB/s] | netrecv PORT | send IP PORT KiB/s | hog MiB | disk DEVICE"
+                    " | ticks MS\n");
     return 2;
 }

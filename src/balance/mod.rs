@@ -288,9 +288,9 @@ pub async fn run(
             if cancel.is_cancelled() {
                 break;
             }
-            let (c, flows, traffic_problem) = sample(inv, opts).await;
+            let (c, flows, traffic_problems) = sample(inv, opts).await;
             problems = c.problems.clone();
-            problems.extend(traffic_problem);
+            problems.extend(traffic_problems);
             tracker.observe(seen(&c), flows);
             check = Some(c);
         }
@@ -344,31 +344,21 @@ async fn finish_unfinished(
 
 /// One round of samples: every host and VM (with classes, memory and NIC figures), and the traffic matrix when
 /// asked, at the same time.
-async fn sample(inv: &Inventory, opts: &Options) -> (CheckReport, Vec<Flow>, Option<String>) {
+async fn sample(inv: &Inventory, opts: &Options) -> (CheckReport, Vec<Flow>, Vec<String>) {
     let check = crate::hosts::check(inv, &opts.executor.connect, true);
     match opts.traffic_window {
-        None => (check.await, Vec::new(), None),
+        None => (check.await, Vec::new(), Vec::new()),
         Some(window) => {
-            let (check, traffic) = tokio::join!(check, measure_traffic(inv, opts, window));
-            match traffic {
-                Ok(flows) => (check, flows, None),
-                Err(e) => (
-                    check,
-                    Vec::new(),
-                    Some(format!("traffic not measured: {e}")),
-                ),
-            }
+            let links = crate::remote::links(inv);
+            let (check, measured) = tokio::join!(
+                check,
+                crate::traffic::measure(&links, window, crate::remote::COMMAND_TIMEOUT)
+            );
+            let (rates, problems) = crate::traffic::gathered(measured);
+            let m = crate::traffic::matrix(&rates, &crate::traffic::vm_macs(&check));
+            (check, m.flows, problems)
         }
     }
-}
-
-/// The traffic matrix over `window`.
-async fn measure_traffic(
-    _inv: &Inventory,
-    _opts: &Options,
-    _window: Duration,
-) -> Result<Vec<Flow>, String> {
-    Err("TODO(traffic)".into())
 }
 
 /// The check's hosts and VMs as the tracker takes them: reachable hosts, answering running VMs.

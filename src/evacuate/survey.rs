@@ -158,6 +158,7 @@ mod tests {
                 ..Default::default()
             }),
             memory: None,
+            macs: vec![],
             groups: vec![],
             anti_affinity: vec![],
             error: None,

@@ -35,6 +35,7 @@ fn vm(host: &str, state: &str, migration: Option<&str>) -> VmCheck {
         classes: vec![],
         figures: None,
         memory: None,
+        macs: vec![],
         groups: vec![],
         anti_affinity: vec![],
         error: None,

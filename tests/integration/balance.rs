@@ -53,6 +53,32 @@ async fn balance_once(
     (run.code, report)
 }
 
+/// `balance_once` with no cool-downs, on a journal and record of its own (named by `policy` and `case`); it must
+/// succeed. Returns the journal, the record and the round.
+async fn round_without_cool_downs(
+    bed: &Bed,
+    inv: &str,
+    policy: &str,
+    case: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, Value) {
+    let journal = bed.path(&format!("balance-{case}-{policy}.jsonl"));
+    let record = bed.path(&format!("scenario-{case}-{policy}.json"));
+    let (code, round) = balance_once(
+        inv,
+        policy,
+        &journal,
+        &record,
+        &["--vm-cool-down", "0s", "--host-cool-down", "0s"],
+    )
+    .await;
+    eprintln!(
+        "{policy}: {}",
+        serde_json::to_string_pretty(&round).unwrap()
+    );
+    assert_eq!(code, 0, "{policy}: {round:#}");
+    (journal, record, round)
+}
+
 /// The first migration a round decided, as (vm, from, to).
 fn first_move(decisions: &Value) -> Option<(String, String, String)> {
     decisions.as_array()?.iter().find_map(|d| {
@@ -109,21 +135,7 @@ async fn each_policy_relieves_an_overloaded_host_and_every_guest_runs_once() {
         _ => "h1",
     };
     for (i, policy) in ["band", "idc", "sandpiper"].into_iter().enumerate() {
-        let journal = bed.path(&format!("balance-{policy}.jsonl"));
-        let record = bed.path(&format!("scenario-{policy}.json"));
-        let (code, round) = balance_once(
-            &inv,
-            policy,
-            &journal,
-            &record,
-            &["--vm-cool-down", "0s", "--host-cool-down", "0s"],
-        )
-        .await;
-        eprintln!(
-            "{policy}: {}",
-            serde_json::to_string_pretty(&round).unwrap()
-        );
-        assert_eq!(code, 0, "{policy}: {round:#}");
+        let (journal, record, round) = round_without_cool_downs(&bed, &inv, policy, "cpu").await;
         let h1 = round["hosts"]
             .as_array()
             .unwrap()
@@ -201,5 +213,109 @@ async fn each_policy_relieves_an_overloaded_host_and_every_guest_runs_once() {
         // Back home for the next policy.
         let back = migrate_to(&inv, &vm, "h1", &[]).await;
         assert_eq!(back.code, 0, "{back:?}");
+    }
+}
+
+/// A guest on h1 that needs more memory than its balloon leaves it (the `swap` workload touches 160 MiB of a
+/// 256 MiB guest ballooned down to 160 MiB, with a swap disk): the guest swaps. Each hotspot policy answers the
+/// memory overload with a balloon change on that guest before any migration, and the change is carried out: QEMU's
+/// balloon reaches the new target, asked with our own QMP client, and the guest still runs once, on h1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapping_guest_gets_a_bigger_balloon_before_any_migration() {
+    let tb = testbed_up("qbl2", "10.94.0", "1000mbit");
+    let mut bed = Bed::new();
+    let inv = inventory(&tb);
+    let swap_disk = bed.path("hog-swap.img");
+    std::fs::File::create(&swap_disk)
+        .and_then(|f| f.set_len(128 << 20))
+        .expect("swap disk");
+    let dir = crate::hosts::run_dir(&tb, "h1");
+    let wrapper = crate::hosts::exec_on(&tb, "h1");
+    let mut monitor = std::path::PathBuf::new();
+    bed.source_with("hog", "swap:160", |spec| {
+        spec.run_dir = dir;
+        spec.wrapper = wrapper;
+        spec.memory_mib = 256;
+        spec.extra_args.extend([
+            "-drive".to_string(),
+            format!(
+                "file={},if=virtio,format=raw,cache=unsafe",
+                swap_disk.display()
+            ),
+        ]);
+        monitor = crate::harness::second_monitor(spec);
+    })
+    .await;
+    guest_on(&mut bed, &tb, "h2", "calm2", "idle").await;
+    let guests = ["hog", "calm2"];
+    let balloon_mib = |mon: std::path::PathBuf| async move {
+        let b = crate::harness::qmp_raw(&mon, "query-balloon").await;
+        b["actual"].as_u64().unwrap() >> 20
+    };
+    for policy in ["idc", "sandpiper"] {
+        // Squeeze the guest, and give it a few seconds to start swapping.
+        crate::harness::qmp(&monitor)
+            .await
+            .execute_raw(
+                "balloon",
+                Some(serde_json::json!({ "value": 160u64 << 20 })),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("balloon down");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while balloon_mib(monitor.clone()).await > 164 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the guest does not give its memory back"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        let (_, _, round) = round_without_cool_downs(&bed, &inv, policy, "mem").await;
+        let decisions = round["decisions"].as_array().unwrap();
+        let first_balloon = decisions
+            .iter()
+            .position(|d| d["kind"] == "balloon" && d["vm"] == "hog")
+            .unwrap_or_else(|| panic!("{policy}: no balloon change for hog: {round:#}"));
+        if let Some(m) = decisions.iter().position(|d| d["kind"] == "migrate") {
+            assert!(
+                m > first_balloon,
+                "{policy}: a migration before the balloon change: {round:#}"
+            );
+        }
+        let b = &decisions[first_balloon];
+        let to_mib = b["to_mib"].as_u64().unwrap();
+        assert!(
+            (161..=256).contains(&to_mib) && b["from_mib"].as_u64().unwrap() < to_mib,
+            "{policy}: {b:#}"
+        );
+        // Carried out: QEMU took the target and the guest's balloon gets there.
+        let done = round["balloons"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["vm"] == "hog")
+            .unwrap_or_else(|| {
+                panic!("{policy}: the balloon change was not carried out: {round:#}")
+            });
+        assert_eq!(done["outcome"], "done", "{policy}: {round:#}");
+        assert_eq!(done["to_mib"].as_u64(), Some(to_mib), "{round:#}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let now = balloon_mib(monitor.clone()).await;
+            if now + 1 >= to_mib {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{policy}: the balloon stays at {now} MiB, not {to_mib}"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let now = running_on(&tb, &guests).await;
+        assert_eq!(now["hog"], vec!["h1".to_string()], "{policy}: {now:?}");
+        assert_eq!(now["calm2"], vec!["h2".to_string()], "{policy}: {now:?}");
     }
 }

@@ -16,3 +16,4 @@ mod qmp;
 mod stats;
 mod testbed;
 mod top;
+mod traffic;
