@@ -1,7 +1,8 @@
 //! The traffic matrix measured on the testbed's hosts (`qmigrate inventory traffic`): two pairs of guests talk at
 //! rates their load generators hold (one pair across two hosts, one on one host), and the matrix names exactly
 //! those pairs with rates within ±25 % of what the generators send. The counters are nftables' on each host's
-//! bridge, counted on the sender's host only, attributed by the guests' MACs over QMP; no guest agent.
+//! bridge, counted on the sender's host only, attributed by the guests' MACs over QMP; no guest agent. `balance`
+//! records the same pairs in the scenario its policy decides on.
 
 use std::time::Duration;
 
@@ -119,6 +120,48 @@ async fn the_matrix_names_the_talking_pairs_at_the_rates_sent() {
     assert!(
         !flows.iter().any(|f| f.0 == "quiet" || f.1 == "quiet"),
         "the quiet guest talked: {m:#}"
+    );
+
+    // balance measures the same matrix each round and records it in the scenario a policy decides on.
+    let journal = bed.path("balance.jsonl");
+    let record = bed.path("scenario.json");
+    let run = qmigrate(
+        &[
+            "balance",
+            "--inventory",
+            &inv,
+            "--policy",
+            "idc",
+            "--once",
+            "--dry-run",
+            "--samples",
+            "1",
+            "--traffic-window",
+            "4s",
+            "--journal",
+            journal.to_str().unwrap(),
+            "--record",
+            record.to_str().unwrap(),
+            "--json",
+        ],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let scenario: Value =
+        serde_json::from_str(&std::fs::read_to_string(&record).expect("the recorded scenario"))
+            .expect("JSON");
+    let recorded: Vec<(&str, &str)> = scenario["traffic"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no traffic recorded: {scenario:#}"))
+        .iter()
+        .filter(|f| f["mbps"].as_f64().unwrap() > 0.05)
+        .map(|f| (f["a"].as_str().unwrap(), f["b"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        recorded,
+        vec![("farrecv", "farsend"), ("nearrecv", "nearsend")],
+        "{scenario:#}"
     );
 
     // The counting table can be removed from every host.
