@@ -390,7 +390,7 @@ mod bounds {
         assert!(started.elapsed() < Duration::from_secs(10));
         assert_eq!(
             err.trim_end(),
-            format!("error: scenario {path} is larger than the limit of 16777216 bytes")
+            format!("error: scenario {path} is larger than the limit of 67108864 bytes")
         );
     }
 
@@ -400,11 +400,11 @@ mod bounds {
         let path = dir.path().join("big.json");
         std::fs::File::create(&path)
             .unwrap()
-            .set_len(16 * 1024 * 1024 + 1)
+            .set_len(64 * 1024 * 1024 + 1)
             .unwrap();
         let err = refused(&[path.to_str().unwrap(), "--policy", "band"]);
         assert!(
-            err.contains("is larger than the limit of 16777216 bytes"),
+            err.contains("is larger than the limit of 67108864 bytes"),
             "{err}"
         );
     }
@@ -413,7 +413,7 @@ mod bounds {
     fn too_many_vms_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("crowd.json");
-        let vms: Vec<Value> = (0..1_001)
+        let vms: Vec<Value> = (0..100_001)
             .map(|i| {
                 serde_json::json!({"name": format!("vm{i}"), "host": "node1", "cpu_pct": 0, "memory_mib": 1,
                                    "memory_pct": 0, "nic_mbps": 0, "swap_writes_per_s": 0})
@@ -428,7 +428,7 @@ mod bounds {
         let err = refused(&[path.to_str().unwrap(), "--policy", "idc"]);
         assert_eq!(
             err.trim_end(),
-            "error: scenario lists 1001 vms, above the limit of 1000"
+            "error: scenario lists 100001 vms, above the limit of 100000"
         );
     }
 }

@@ -48,16 +48,17 @@ pub use scenario::{
     Entry, Flow, History, Host, Scenario, Tuning, Vm, MAX_FLOWS, MAX_HOSTS, MAX_VMS,
 };
 
-/// The largest scenario file `qmigrate simulate` reads. The scenario is parsed into a JSON tree before it is checked,
-/// and a tree can take many times the bytes of its text, so the file is bounded rather than the tree. A scenario at
-/// the entry limits ([`MAX_HOSTS`], [`MAX_VMS`], [`MAX_FLOWS`]) takes about 1 MiB, so this leaves room for long
-/// histories and descriptions.
-pub const MAX_SCENARIO_BYTES: u64 = 16 * 1024 * 1024;
+/// The largest scenario file `qmigrate simulate` reads. A scenario that fails to load is parsed into a JSON tree to
+/// explain the failure, and a tree takes many times the bytes of its text (about 11 times, measured), so the file is
+/// bounded rather than the tree. A scenario at the entry limits ([`MAX_HOSTS`], [`MAX_VMS`], [`MAX_FLOWS`]) with
+/// 10 samples of history per host takes about 27 MiB, so this leaves room for longer histories and descriptions.
+pub const MAX_SCENARIO_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The most rounds `qmigrate simulate --rounds` runs: every round is kept for the output, so the rounds bound both
 /// the time and the size of what is printed. Most rounds are cheap (a round without a hotspot costs little), but a
 /// scenario near the entry limits that stays stuck (hotspots, no destination with room) costs the whole search every
-/// round: see [`MAX_HOSTS`].
+/// round (about 5 s at the limits, measured on a busy machine: see [`MAX_HOSTS`]), so the most rounds of such a
+/// scenario take hours; ask for fewer.
 pub const MAX_ROUNDS: u32 = 10_000;
 
 /// Errors of the planning layer; each names the offending entry.
