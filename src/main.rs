@@ -306,20 +306,18 @@ async fn inventory_check(a: &cli::InventoryCheckArgs) -> Exit {
 
 async fn inventory_traffic(a: &cli::InventoryTrafficArgs) -> Exit {
     use qmigrate::traffic;
-    let window = match humantime::parse_duration(&a.window) {
+    let window = match qmigrate::config::duration("window", &a.window) {
         Ok(w) if !w.is_zero() && w <= Duration::from_secs(3600) => w,
         Ok(_) => {
             return fail(
-                &anyhow::anyhow!("--window {}: must be more than 0 and at most 1h", a.window),
+                &anyhow::anyhow!(
+                    "--window must be more than zero and at most 1h (found {})",
+                    a.window
+                ),
                 Exit::Usage,
             )
         }
-        Err(e) => {
-            return fail(
-                &anyhow::Error::new(e).context(format!("--window {:?}", a.window)),
-                Exit::Usage,
-            )
-        }
+        Err(e) => return fail(&anyhow::Error::new(e), Exit::Usage),
     };
     let inv = match qmigrate::inventory::Inventory::load(&a.file) {
         Ok(i) => i,

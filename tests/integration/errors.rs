@@ -286,6 +286,34 @@ async fn completions_and_man_pages_come_from_the_binary() {
     );
 }
 
+/// `qmigrate inventory traffic`: a bad window or a missing inventory is refused, naming it, before any host is
+/// touched.
+#[tokio::test]
+async fn inventory_traffic_refuses_bad_settings() {
+    let bed = Bed::new();
+    let missing = bed.path("missing.toml");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--window", "soon"], "--window \"soon\": not a duration"),
+        (
+            &["--window", "0s"],
+            "--window must be more than zero and at most 1h (found 0s)",
+        ),
+        (
+            &["--window", "2h"],
+            "--window must be more than zero and at most 1h (found 2h)",
+        ),
+        (&[], "missing.toml"),
+    ];
+    for (extra, message) in cases {
+        let mut args = vec!["inventory", "traffic", s(&missing)];
+        args.extend(*extra);
+        let run = qmigrate(&args, LIMIT).await;
+        assert_eq!(run.code, 2, "{extra:?}: {run:?}");
+        assert!(run.stderr.contains(message), "{extra:?}: {run:?}");
+        assert!(run.stdout.is_empty(), "{extra:?}: {run:?}");
+    }
+}
+
 /// `qmigrate balance`: bad settings are refused before anything is sampled, naming the flag and the value; an
 /// inventory whose hosts cannot be reached is an endpoint error naming them.
 #[tokio::test]
