@@ -211,8 +211,10 @@ async fn each_policy_relieves_an_overloaded_host_and_every_guest_runs_once() {
             assert_eq!(still, now, "the dry run moved something");
         }
         // Back home for the next policy.
-        let back = migrate_to(&inv, &vm, "h1", &[]).await;
-        assert_eq!(back.code, 0, "{back:?}");
+        if i + 1 < 3 {
+            let back = migrate_to(&inv, &vm, "h1", &[]).await;
+            assert_eq!(back.code, 0, "{back:?}");
+        }
     }
 }
 
