@@ -32,8 +32,6 @@ async fn balance_once(
         "--policy",
         policy,
         "--once",
-        "--samples",
-        "2",
         "--traffic-window",
         "0s",
         "--journal",
@@ -53,13 +51,14 @@ async fn balance_once(
     (run.code, report)
 }
 
-/// `balance_once` with no cool-downs, on a journal and record of its own (named by `policy` and `case`); it must
-/// succeed. Returns the journal, the record and the round.
+/// `balance_once` with no cool-downs after `samples` rounds of samples, on a journal and record of its own (named by
+/// `policy` and `case`); it must succeed. Returns the journal, the record and the round.
 async fn round_without_cool_downs(
     bed: &Bed,
     inv: &str,
     policy: &str,
     case: &str,
+    samples: &str,
 ) -> (std::path::PathBuf, std::path::PathBuf, Value) {
     let journal = bed.path(&format!("balance-{case}-{policy}.jsonl"));
     let record = bed.path(&format!("scenario-{case}-{policy}.json"));
@@ -68,7 +67,14 @@ async fn round_without_cool_downs(
         policy,
         &journal,
         &record,
-        &["--vm-cool-down", "0s", "--host-cool-down", "0s"],
+        &[
+            "--vm-cool-down",
+            "0s",
+            "--host-cool-down",
+            "0s",
+            "--samples",
+            samples,
+        ],
     )
     .await;
     eprintln!(
@@ -135,7 +141,8 @@ async fn each_policy_relieves_an_overloaded_host_and_every_guest_runs_once() {
         _ => "h1",
     };
     for (i, policy) in ["band", "idc", "sandpiper"].into_iter().enumerate() {
-        let (journal, record, round) = round_without_cool_downs(&bed, &inv, policy, "cpu").await;
+        let (journal, record, round) =
+            round_without_cool_downs(&bed, &inv, policy, "cpu", "1").await;
         let h1 = round["hosts"]
             .as_array()
             .unwrap()
@@ -189,7 +196,14 @@ async fn each_policy_relieves_an_overloaded_host_and_every_guest_runs_once() {
         );
         if i == 0 {
             // The anti-thrashing rules, on the same journal with the defaults: h1 just gave a VM away.
-            let (code, dry) = balance_once(&inv, "band", &journal, &record, &["--dry-run"]).await;
+            let (code, dry) = balance_once(
+                &inv,
+                "band",
+                &journal,
+                &record,
+                &["--dry-run", "--samples", "1"],
+            )
+            .await;
             assert_eq!(code, 0, "{dry:#}");
             assert!(
                 dry["migrations"].is_null(),
@@ -273,9 +287,9 @@ async fn a_swapping_guest_gets_a_bigger_balloon_before_any_migration() {
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
 
-        let (_, _, round) = round_without_cool_downs(&bed, &inv, policy, "mem").await;
+        let (_, _, round) = round_without_cool_downs(&bed, &inv, policy, "mem", "2").await;
         let decisions = round["decisions"].as_array().unwrap();
         let first_balloon = decisions
             .iter()
