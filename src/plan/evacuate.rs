@@ -562,14 +562,14 @@ impl<'a> Room<'a> {
 
 /// A resource two VMs on one host do not share well (paper 001, 3.2: two disk-bound VMs slow each other down).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Resource {
+pub(super) enum Resource {
     Disk,
     Network,
 }
 
 impl Resource {
     /// The non-sharable resources of a VM with these classes, each once.
-    fn of(classes: &[Class]) -> Vec<Resource> {
+    pub(super) fn of(classes: &[Class]) -> Vec<Resource> {
         let mut resources: Vec<Resource> = classes
             .iter()
             .filter_map(|c| match c {
@@ -593,7 +593,7 @@ impl Resource {
 
 /// One thing that stops a VM from going to a host.
 #[derive(Debug, Clone, PartialEq)]
-enum Refusal<'a> {
+pub(super) enum Refusal<'a> {
     RunsThere,
     Vcpus {
         free: u32,
@@ -687,7 +687,7 @@ impl Tier {
 }
 
 /// The candidates (by index) in the order they move, each with why there.
-fn sequence(order: Order, candidates: &[Candidate]) -> Vec<(usize, String)> {
+pub(super) fn sequence(order: Order, candidates: &[Candidate]) -> Vec<(usize, String)> {
     match order {
         Order::Fifo => fifo(candidates.len()),
         Order::Sjf => sjf(candidates),

@@ -1,5 +1,5 @@
 //! REFERENCE COPY, test-only: src/plan/hotspot.rs as it was before the scale work (issue 11), verbatim but for this
-//! line and its unit tests. See [`super`]; do not optimise.
+//! line, its unit tests, and the hotspot detection and volume it shares with the live module (unchanged). See [`super`]; do not optimise.
 //!
 //! Hotspot detection and the steps shared by the idc and sandpiper policies (paper 004): the AR(1) prediction, the
 //! overload flags, the balloon step that answers a memory overload before any migration, and the test that a
@@ -8,124 +8,11 @@
 use std::collections::BTreeMap;
 
 use super::model;
-use super::scenario::{Host, Scenario, Tuning, Vm};
+use super::scenario::{Scenario, Vm};
 use super::Decision;
 
-/// Predicts the next sample with an AR(1) model fitted to `history` followed by `current`:
-/// `u_{k+1} = μ + φ (u_k − μ)`, μ the mean of the series and φ its lag-1 autocorrelation (clamped to [-1, 1]);
-/// the current figure while the series is too short to correlate.
-pub fn ar1_predict(history: &[f64], current: f64) -> f64 {
-    let mut series = history.to_vec();
-    series.push(current);
-    crate::stats::history::ar1_next(&series).unwrap_or(current)
-}
-
-/// One figure of a host against its threshold.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Reading {
-    pub now: f64,
-    pub predicted: f64,
-    pub threshold: f64,
-}
-
-impl Reading {
-    fn new(history: &[f64], now: f64, threshold: f64) -> Self {
-        Reading {
-            now,
-            predicted: ar1_predict(history, now),
-            threshold,
-        }
-    }
-
-    /// Paper 004: a sudden peak is not a hotspot; both the current and the predicted figure must exceed the
-    /// threshold.
-    pub fn over(&self) -> bool {
-        self.now > self.threshold && self.predicted > self.threshold
-    }
-}
-
-/// A host's three readings.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Assessment {
-    pub host: String,
-    pub cpu: Reading,
-    pub swap: Reading,
-    pub nic: Reading,
-}
-
-impl Assessment {
-    pub fn of(h: &Host, t: &Tuning) -> Self {
-        Assessment {
-            host: h.name.clone(),
-            cpu: Reading::new(&h.history.cpu_pct, h.cpu_pct, t.cpu_threshold_pct),
-            swap: Reading::new(
-                &h.history.swap_writes_per_s,
-                h.swap_writes_per_s,
-                t.swap_threshold_writes_per_s,
-            ),
-            nic: Reading::new(&h.history.nic_pct, h.nic_pct, t.nic_threshold_pct),
-        }
-    }
-
-    pub fn is_hotspot(&self) -> bool {
-        self.cpu.over() || self.swap.over() || self.nic.over()
-    }
-
-    /// How far past its threshold the worst overloaded figure is; the worst hotspot is handled first.
-    fn severity(&self) -> f64 {
-        [self.cpu, self.swap, self.nic]
-            .iter()
-            .filter(|r| r.over())
-            .map(|r| {
-                if r.threshold > 0.0 {
-                    r.now / r.threshold
-                } else {
-                    f64::INFINITY
-                }
-            })
-            .fold(0.0, f64::max)
-    }
-
-    /// "CPU 95.0% (predicted 94.1%, threshold 85%)" for each overloaded figure.
-    pub fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        let mut add = |what: &str, unit: &str, r: &Reading| {
-            if r.over() {
-                parts.push(format!(
-                    "{what} {:.1}{unit} (predicted {:.1}{unit}, threshold {}{unit})",
-                    r.now, r.predicted, r.threshold
-                ));
-            }
-        };
-        add("CPU", "%", &self.cpu);
-        add("swap", " writes/s", &self.swap);
-        add("NIC", "%", &self.nic);
-        parts.join(", ")
-    }
-}
-
-/// The hotspots of `s`, worst first (ties by name, so the order does not depend on the input's order).
-pub fn hotspots(s: &Scenario) -> Vec<Assessment> {
-    let mut hot: Vec<Assessment> = s
-        .hosts
-        .iter()
-        .map(|h| Assessment::of(h, &s.tuning))
-        .filter(Assessment::is_hotspot)
-        .collect();
-    hot.sort_by(|a, b| {
-        b.severity()
-            .total_cmp(&a.severity())
-            .then_with(|| a.host.cmp(&b.host))
-    });
-    hot
-}
-
-/// Sandpiper's volume `1 / ((1 − cpu)(1 − mem)(1 − net))` from utilisations in percent. Each term is capped at 99 %
-/// so that a saturated resource gives a large volume instead of a division by zero.
-pub fn volume(cpu_pct: f64, mem_pct: f64, net_pct: f64) -> f64 {
-    let free = |pct: f64| 1.0 - (pct / 100.0).clamp(0.0, 0.99);
-    1.0 / (free(cpu_pct) * free(mem_pct) * free(net_pct))
-}
+// Unchanged by the scale work, so shared rather than copied.
+pub use crate::plan::hotspot::{hotspots, volume, Assessment};
 
 /// The volume of a host: how loaded it is, for "least loaded host" choices.
 pub fn host_volume(s: &Scenario, host: &str) -> f64 {
